@@ -1,0 +1,1 @@
+"""A stateful conversation proxy in front of an OpenAI-style chat-completions gateway."""

@@ -1,0 +1,61 @@
+"""`python -m service`: serve with uvicorn, draining gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+import uvicorn
+
+from service.app import Lifecycle, create_app
+from service.config import get_settings
+from service.embedded_redis import EmbeddedRedis
+from service.logs import configure_logging
+
+
+class _DrainingServer(uvicorn.Server):
+    """Marks the app as draining (readiness false) the moment a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self._lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._lifecycle.draining = True
+        super().handle_exit(sig, frame)
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "timeout_graceful_shutdown": int(settings.shutdown_timeout_seconds) or None,
+        "timeout_keep_alive": settings.keepalive_timeout_seconds,
+        "proxy_headers": True,
+        "server_header": False,
+    }
+    if settings.workers > 1:
+        # Several processes share one embedded Redis, started here rather than in each worker.
+        embedded = None
+        if settings.redis_url is None:
+            embedded = EmbeddedRedis(settings.data_dir)
+            os.environ["REDIS_URL"] = embedded.start()
+        try:
+            uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+        finally:
+            if embedded is not None:
+                embedded.stop()
+        return
+    lifecycle = Lifecycle()
+    app = create_app(settings, lifecycle=lifecycle)
+    server = _DrainingServer(uvicorn.Config(app, **common), lifecycle)  # type: ignore[arg-type]
+    server.run()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    main()

@@ -1,0 +1,412 @@
+"""ChatService: one turn of a conversation, from lease to commit. No FastAPI, no redis here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import anyio
+import httpx
+import orjson
+
+from service import metrics
+from service.auth import Caller
+from service.errors import (
+    ConversationBusy,
+    GatewayError,
+    IdempotencyKeyReused,
+    IdempotentRequestInFlight,
+    OverTokenBudget,
+    ServiceError,
+)
+from service.gateway import GatewayClient, Reply, UpstreamStream, parse_reply
+from service.logs import annotate
+from service.models import JSONObject, Message, Role
+from service.schemas import TurnCreate
+from service.store import (
+    ConversationRef,
+    ConversationStore,
+    Idempotency,
+    IdempotentRecord,
+    Mismatch,
+    Replay,
+    Started,
+    Waiting,
+)
+from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
+from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, message_tokens, next_factor
+from service.trim import BudgetExceeded, Window, choose_window
+
+log = logging.getLogger("service.chat")
+R = TypeVar("R")
+
+MAX_WINDOW_MESSAGES = 10_000
+FETCH_MARGIN = (
+    0.8  # over-fetch, so a factor that dropped since our last look still fills the budget
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPolicy:
+    default_model: str
+    token_budget: int
+    lock_wait_seconds: float
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    body: bytes  # the response JSON
+    replayed: bool
+
+
+@dataclass(slots=True)
+class _Turn:
+    """A turn that holds its conversation's lease and knows what it will forward."""
+
+    ref: ConversationRef
+    lock_value: str
+    started: Started
+    request: TurnCreate
+    idempotency: Idempotency | None
+    model: str
+    budget: int
+    window: Window
+    payload: JSONObject
+    raw_estimate: int  # the forwarded array, in local estimate units
+    new_messages: list[JSONObject]
+    renewal: asyncio.Task[None]
+
+
+def fingerprint(turn: TurnCreate) -> str:
+    """The request body, canonical, without `stream`: a replay may ask for either form."""
+    body = turn.model_dump(mode="json", exclude={"stream"}, exclude_unset=True)
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class ChatService:
+    def __init__(
+        self, store: ConversationStore, gateway: GatewayClient, policy: TurnPolicy
+    ) -> None:
+        self._store = store
+        self._gateway = gateway
+        self._policy = policy
+
+    async def turn(
+        self,
+        ref: ConversationRef,
+        request: TurnCreate,
+        *,
+        caller: Caller,
+        request_id: str,
+        idempotency_key: str | None,
+    ) -> TurnResult:
+        """Run one turn and answer with the gateway's JSON plus the `conversation` object."""
+        opened = await self._open(ref, request, idempotency_key)
+        if isinstance(opened, Replay):
+            return TurnResult(body=opened.body, replayed=True)
+        committed = False
+        try:
+            completion, reply = await self._gateway.complete(
+                opened.payload, client_key=caller.upstream_key, request_id=request_id
+            )
+            body = await self._commit(opened, completion, reply)
+            committed = True
+            return TurnResult(body=body, replayed=False)
+        finally:
+            if not committed:
+                await self._abandon(opened)
+
+    async def stream(
+        self,
+        ref: ConversationRef,
+        request: TurnCreate,
+        *,
+        caller: Caller,
+        request_id: str,
+        idempotency_key: str | None,
+    ) -> AsyncIterator[bytes]:
+        """Open a streamed turn. Errors up to the gateway's first byte raise here; the returned
+        iterator relays the chunks, commits at the end, and stores nothing if cut short."""
+        opened = await self._open(ref, request, idempotency_key)
+        if isinstance(opened, Replay):
+            annotate(replayed=True)
+            return _replay_as_sse(opened.body)
+        try:
+            upstream = await self._gateway.open_stream(
+                opened.payload, client_key=caller.upstream_key, request_id=request_id
+            )
+        except BaseException:
+            await self._abandon(opened)
+            raise
+        return self._relay(opened, upstream)
+
+    async def _relay(self, turn: _Turn, upstream: UpstreamStream) -> AsyncIterator[bytes]:
+        committed = False
+        try:
+            if upstream.completion is not None:  # the model ignored stream: true
+                body = await self._shielded_commit(
+                    turn, upstream.completion, parse_reply(upstream.completion)
+                )
+                committed = True
+                for event in completion_as_sse(upstream.completion):
+                    yield event
+            else:
+                assembler = StreamAssembler()
+                async for data in upstream.data_lines():
+                    if data == "[DONE]":
+                        break
+                    assembler.add(orjson.loads(data))
+                    yield b"data: " + data.encode() + b"\n\n"
+                completion = assembler.completion()
+                metrics.UPSTREAM_LATENCY.observe(time.perf_counter() - upstream.started)
+                body = await self._shielded_commit(turn, completion, parse_reply(completion))
+                committed = True
+            yield sse_event("conversation", {"conversation": orjson.loads(body)["conversation"]})
+            yield DONE
+        except (ServiceError, httpx.HTTPError, ValueError) as exc:
+            # Headers are sent: the failure can only be told in the stream itself.
+            problem = (
+                exc.problem()
+                if isinstance(exc, ServiceError)
+                else GatewayError(f"the gateway's stream failed ({type(exc).__name__})").problem()
+            )
+            log.warning("stream failed", extra={"error": type(exc).__name__})
+            metrics.TURNS.labels("stream_failed").inc()
+            yield sse_event("error", {"error": problem})
+        finally:
+            with anyio.CancelScope(shield=True):  # a client that left cancels us: clean up anyway
+                await upstream.aclose()
+                if not committed:
+                    annotate(stream_completed=False)
+                    await self._abandon(turn)
+
+    # ---- the steps of a turn -------------------------------------------------------------------
+
+    async def _open(
+        self, ref: ConversationRef, request: TurnCreate, idempotency_key: str | None
+    ) -> _Turn | Replay:
+        """Wait for the lease (or a replay), then choose the window and build the payload."""
+        idempotency = None
+        if idempotency_key is not None:
+            idempotency = Idempotency(
+                key_hash=hashlib.sha256(idempotency_key.encode()).hexdigest()[:32],
+                fingerprint=fingerprint(request),
+            )
+        new_wire = [m.to_wire() for m in request.new_messages()]
+        lock_value = (
+            f"{uuid.uuid4().hex}\n{idempotency.key_hash if idempotency else ''}\n"
+            f"{idempotency.fingerprint if idempotency else ''}"
+        )
+        lease_ms = int(self._policy.lease_seconds * 1000)
+        requested_model = request.model or self._policy.default_model
+        scale = 1 / (
+            FETCH_MARGIN * max(MIN_FACTOR, min(1.0, self._store.cached_factor(requested_model)))
+        )
+
+        async def attempt() -> Started | Replay | Mismatch | Waiting:
+            return await self._store.begin_turn(
+                ref,
+                lock_value=lock_value,
+                lease_ms=lease_ms,
+                default_budget=self._policy.token_budget,
+                budget_scale=scale,
+                max_messages=MAX_WINDOW_MESSAGES,
+                idempotency=idempotency,
+            )
+
+        # mypy solves `Waiting | R` against a wider union as object; the loop never returns Waiting.
+        begun = cast(Started | Replay | Mismatch, await self._wait_for_lease(attempt))
+        if isinstance(begun, Mismatch):
+            raise IdempotencyKeyReused("this Idempotency-Key was used with another request body")
+        if isinstance(begun, Replay):
+            metrics.TURNS.labels("replayed").inc()
+            return begun
+        renewal = asyncio.create_task(self._renew(ref, lock_value, lease_ms))
+        try:
+            return self._plan(ref, request, begun, lock_value, idempotency, new_wire, renewal)
+        except BaseException:
+            renewal.cancel()
+            await self._store.release(ref, lock_value)
+            raise
+
+    def _plan(
+        self,
+        ref: ConversationRef,
+        request: TurnCreate,
+        begun: Started,
+        lock_value: str,
+        idempotency: Idempotency | None,
+        new_wire: list[JSONObject],
+        renewal: asyncio.Task[None],
+    ) -> _Turn:
+        meta = begun.meta
+        model = request.model or (meta.model if meta else None) or self._policy.default_model
+        budget = (meta.token_budget if meta else None) or self._policy.token_budget
+        system = request.system if request.system is not None else (meta.system if meta else None)
+        system_wire = [{"role": "system", "content": system}] if system else []
+        system_tokens = sum(message_tokens(m) for m in system_wire)
+        new_tokens = sum(message_tokens(m) for m in new_wire)
+        factor = self._store.cached_factor(model)
+        try:
+            window = choose_window(
+                history=begun.window,
+                stored_count=begun.length,
+                system_tokens=system_tokens,
+                new_tokens=new_tokens,
+                continues_turn=new_wire[0]["role"] != Role.USER,
+                budget=budget,
+                factor=factor,
+            )
+        except BudgetExceeded as exc:
+            raise OverTokenBudget(str(exc)) from exc
+        messages = [*system_wire, *(m.to_wire() for m in window.history), *new_wire]
+        raw = ARRAY_OVERHEAD + system_tokens + new_tokens + sum(m.tokens for m in window.history)
+        annotate(dropped_messages=window.dropped_messages, estimated_tokens=window.estimated_tokens)
+        return _Turn(
+            ref=ref,
+            lock_value=lock_value,
+            started=begun,
+            request=request,
+            idempotency=idempotency,
+            model=model,
+            budget=budget,
+            window=window,
+            payload={**request.gateway_params(), "model": model, "messages": messages},
+            raw_estimate=raw,
+            new_messages=new_wire,
+            renewal=renewal,
+        )
+
+    async def delete(self, ref: ConversationRef) -> bool:
+        """Delete a conversation once no turn holds it; False if there was none."""
+        return await self._wait_for_lease(lambda: self._store.delete(ref))
+
+    async def _wait_for_lease(self, attempt: Callable[[], Awaitable[Waiting | R]]) -> R:
+        """Retry `attempt` with jittered, growing pauses while another turn holds the lease."""
+        started = time.monotonic()
+        deadline = started + self._policy.lock_wait_seconds
+        pause = 0.005
+        while True:
+            result = await attempt()
+            if not isinstance(result, Waiting):
+                metrics.LOCK_WAIT.observe(time.monotonic() - started)
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                headers = {"Retry-After": "1"}
+                if result.inflight:
+                    metrics.TURNS.labels("idempotent_in_flight").inc()
+                    raise IdempotentRequestInFlight(
+                        "the first request with this Idempotency-Key is still running",
+                        headers=headers,
+                    )
+                metrics.TURNS.labels("busy").inc()
+                waited = self._policy.lock_wait_seconds
+                raise ConversationBusy(
+                    f"another turn of this conversation ran past {waited:g} s", headers=headers
+                )
+            await asyncio.sleep(min(remaining, pause * random.uniform(0.5, 1.5)))  # noqa: S311 - jitter
+            pause = min(pause * 2, 0.25)
+
+    async def _renew(self, ref: ConversationRef, lock_value: str, lease_ms: int) -> None:
+        """Keep the lease while the gateway works; a lost lease is caught at commit (fencing)."""
+        while True:
+            await asyncio.sleep(lease_ms / 3000)
+            try:
+                if not await self._store.renew(ref, lock_value, lease_ms):
+                    return
+            except ServiceError:
+                log.warning("lease renewal failed")
+
+    async def _shielded_commit(self, turn: _Turn, completion: JSONObject, reply: Reply) -> bytes:
+        with anyio.CancelScope(shield=True):
+            body = await self._commit(turn, completion, reply)
+        return body
+
+    async def _commit(self, turn: _Turn, completion: JSONObject, reply: Reply) -> bytes:
+        turn.renewal.cancel()
+        now = time.time()
+        first_seq = turn.started.length + 1
+        wires = [*turn.new_messages, reply.message]
+        records = [
+            Message(
+                tokens=message_tokens(wire),
+                seq=first_seq + i,
+                role=Role(wire["role"]),
+                content=wire.get("content"),
+                tool_calls=wire.get("tool_calls"),
+                tool_call_id=wire.get("tool_call_id"),
+                name=wire.get("name"),
+                created_at=now,
+            )
+            for i, wire in enumerate(wires)
+        ]
+        conversation = {
+            "id": turn.ref.id,
+            "message_count": turn.started.length + len(records),
+            "context": {
+                "messages": len(turn.payload["messages"]),
+                "estimated_tokens": turn.window.estimated_tokens,
+                "dropped_messages": turn.window.dropped_messages,
+                "token_budget": turn.budget,
+            },
+        }
+        body = orjson.dumps({**completion, "conversation": conversation})
+        meta_updates: dict[str, str] = {}
+        if turn.request.model:
+            meta_updates["model"] = turn.request.model
+        if turn.request.system is not None:
+            meta_updates["system"] = turn.request.system
+        factor = None
+        if reply.input_tokens > 0:
+            factor = next_factor(
+                self._store.cached_factor(turn.model), turn.raw_estimate, reply.input_tokens
+            )
+        outcome = await self._store.commit_turn(
+            turn.ref,
+            lock_value=turn.lock_value,
+            expected_length=turn.started.length,
+            messages=records,
+            meta_updates=meta_updates,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            record=IdempotentRecord(turn.idempotency, body) if turn.idempotency else None,
+            model=turn.model,
+            factor=factor,
+        )
+        if outcome != "ok":
+            metrics.TURNS.labels("lease_lost").inc()
+            raise ConversationBusy(
+                "the turn lost its lease before it could be stored; retry it",
+                headers={"Retry-After": "1"},
+            )
+        metrics.TURNS.labels("committed").inc()
+        metrics.TOKENS.labels("input").inc(reply.input_tokens)
+        metrics.TOKENS.labels("output").inc(reply.output_tokens)
+        metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
+        annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
+        return body
+
+    async def _abandon(self, turn: _Turn) -> None:
+        """A failed turn stores nothing and frees its conversation at once."""
+        turn.renewal.cancel()
+        metrics.TURNS.labels("failed").inc()
+        with contextlib.suppress(ServiceError):
+            await self._store.release(turn.ref, turn.lock_value)
+
+
+async def _replay_as_sse(body: bytes) -> AsyncIterator[bytes]:
+    stored: dict[str, Any] = orjson.loads(body)
+    for event in completion_as_sse(stored):
+        yield event
+    yield sse_event("conversation", {"conversation": stored.get("conversation")})
+    yield DONE

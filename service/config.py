@@ -1,0 +1,120 @@
+"""Settings: the only place the environment is read."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_TENANT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; names match CONTRACT.md's environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    redis_url: str | None = None  # None: start an embedded redis-server under data_dir
+    data_dir: Path = Path("./data")
+    redis_pool_size: int = Field(default=512, ge=1)
+    redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    gateway_url: HttpUrl = HttpUrl("https://llm-gateway.assemblyai.com/v1")
+    gateway_api_key: SecretStr | None = None
+    gateway_timeout_seconds: float = Field(default=120.0, gt=0)
+    gateway_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    gateway_max_retries: int = Field(default=2, ge=0, le=10)
+    gateway_retry_after_cap_seconds: float = Field(default=10.0, ge=0)
+    gateway_max_connections: int = Field(default=1000, ge=1)
+
+    api_keys: SecretStr | None = None  # "name:key,name2:key2"
+    default_model: str = "claude-sonnet-4-6"
+    token_budget: int = Field(default=16_000, ge=64)
+    conversation_ttl_seconds: int = Field(default=30 * 24 * 3600, ge=0)
+
+    lock_wait_seconds: float = Field(default=30.0, ge=0)
+    lock_ttl_seconds: float = Field(default=10.0, ge=1)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
+
+    cors_origins: str = ""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on every interface
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    log_level: str = "info"
+    shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
+    # Above a load balancer's idle timeout (nginx: 60 s), so the balancer, not uvicorn,
+    # closes idle keep-alive connections and never sends a request onto a closing socket.
+    keepalive_timeout_seconds: int = Field(default=75, ge=1)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(f"REDIS_URL must start with one of {', '.join(_REDIS_SCHEMES)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError("LOG_LEVEL must be one of critical, error, warning, info, debug")
+        return level
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        _parse_api_keys(value.get_secret_value())  # fail at start-up, not per request
+        return value
+
+    @model_validator(mode="after")
+    def _client_mode_needs_gateway_key(self) -> Settings:
+        if self.api_keys is not None and self.gateway_api_key is None:
+            raise ValueError("API_KEYS needs GATEWAY_API_KEY: client keys are never sent upstream")
+        return self
+
+    def client_keys(self) -> dict[str, str]:
+        """Client key -> tenant name; empty means pass-through mode."""
+        if self.api_keys is None:
+            return {}
+        return _parse_api_keys(self.api_keys.get_secret_value())
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+
+def _parse_api_keys(raw: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for pair in raw.split(","):
+        if not pair.strip():
+            continue
+        name, sep, key = pair.strip().partition(":")
+        if not sep or not key or not _TENANT_NAME.match(name):
+            raise ValueError(
+                "API_KEYS must be comma-separated name:key pairs, names of A-Z a-z 0-9 . _ -"
+            )
+        keys[key] = name
+    return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

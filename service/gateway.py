@@ -1,0 +1,285 @@
+"""GatewayClient: calls to the LLM gateway, its retry policy, and its wire format.
+
+One client per process. Failures become ServiceErrors here, at the boundary; upstream bodies
+are logged, never echoed beyond the gateway's own error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from pydantic import SecretStr
+
+from service import metrics
+from service.errors import (
+    GatewayError,
+    GatewayRateLimited,
+    GatewayRejected,
+    GatewayTimeout,
+    ServiceError,
+    Unauthorized,
+)
+from service.logs import annotate
+from service.models import JSONObject
+
+log = logging.getLogger("service.gateway")
+
+BACKOFF_BASE_SECONDS = 0.25
+BACKOFF_CAP_SECONDS = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The parts of a completion the service keeps: the assistant message and usage."""
+
+    message: JSONObject  # role, content, tool_calls where present
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class UpstreamStream:
+    """An opened streaming call: either SSE lines to relay, or a plain JSON completion
+    (a model may ignore `stream: true`)."""
+
+    response: httpx.Response
+    completion: JSONObject | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    async def data_lines(self) -> AsyncIterator[str]:
+        """The payload of each `data:` line, as it arrives."""
+        async for line in self.response.aiter_lines():
+            if line.startswith("data:"):
+                yield line[5:].strip()
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+def parse_reply(completion: Any) -> Reply:
+    """Read a completion defensively: tool_calls under the message or (older spec) the choice,
+    usage as input/output_tokens or prompt/completion_tokens."""
+    if not isinstance(completion, dict):
+        raise GatewayError("the gateway's answer is not a JSON object")
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise GatewayError("the gateway's answer has no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise GatewayError("the gateway's answer has no message")
+    content = message.get("content")
+    tool_calls = message.get("tool_calls") or choice.get("tool_calls")
+    if content is not None and not isinstance(content, str | list):
+        raise GatewayError("the gateway's message content is neither text nor parts")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise GatewayError("the gateway's tool_calls is not a list")
+    if content is None and not tool_calls:
+        content = ""
+    reply: JSONObject = {"role": "assistant", "content": content}
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    raw_usage = completion.get("usage")
+    usage: JSONObject = raw_usage if isinstance(raw_usage, dict) else {}
+    return Reply(
+        message=reply,
+        input_tokens=usage_count(usage, "input_tokens", "prompt_tokens"),
+        output_tokens=usage_count(usage, "output_tokens", "completion_tokens"),
+    )
+
+
+def usage_count(usage: JSONObject, *names: str) -> int:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
+def _error_text(body: bytes) -> str:
+    """The gateway's message plus the specific reasons it listed, from any of its error shapes."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace").strip() or "no details"
+    if not isinstance(data, dict):
+        return "no details"
+    error = data.get("error", data)
+    if isinstance(error, str):
+        return error
+    if not isinstance(error, dict):
+        return "no details"
+    message = str(error.get("message") or error.get("detail") or error.get("code") or "no details")
+    metadata = error.get("metadata")
+    reasons = (metadata.get("errors") if isinstance(metadata, dict) else None) or error.get(
+        "errors"
+    )
+    if isinstance(reasons, list) and reasons:
+        listed = "; ".join(r if isinstance(r, str) else orjson.dumps(r).decode() for r in reasons)
+        return f"{message}: {listed}"
+    return message
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    raw = response.headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None
+
+
+class GatewayClient:
+    """POST {GATEWAY_URL}/chat/completions with retries on connection errors, 429 and 5xx."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        api_key: SecretStr | None,
+        timeout_seconds: float,
+        max_retries: int,
+        retry_after_cap_seconds: float,
+    ) -> None:
+        self._http = http
+        self._api_key = api_key
+        self._timeout = timeout_seconds
+        self._max_retries = max_retries
+        self._retry_after_cap = retry_after_cap_seconds
+
+    @property
+    def pass_through(self) -> bool:
+        return self._api_key is None
+
+    def _headers(self, client_key: str | None, request_id: str) -> dict[str, str]:
+        key = self._api_key.get_secret_value() if self._api_key is not None else client_key
+        if not key:
+            raise Unauthorized("no gateway key")
+        return {
+            "Authorization": key,
+            "X-Request-ID": request_id,
+            "Content-Type": "application/json",
+        }
+
+    async def complete(
+        self, payload: JSONObject, *, client_key: str | None, request_id: str
+    ) -> tuple[JSONObject, Reply]:
+        """One completion: the gateway's JSON as it came, and the parsed reply."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._send(payload, client_key, request_id)
+                try:
+                    body = await response.aread()
+                finally:
+                    await response.aclose()
+        except TimeoutError as exc:
+            raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
+        except httpx.TimeoutException as exc:
+            raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.UPSTREAM_LATENCY.observe(elapsed)
+            annotate(upstream_ms=round(elapsed * 1000, 3))
+        try:
+            completion = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            log.warning("gateway answered with non-JSON body", extra={"bytes": len(body)})
+            raise GatewayError("the gateway's answer is not JSON") from exc
+        return completion, parse_reply(completion)
+
+    async def open_stream(
+        self, payload: JSONObject, *, client_key: str | None, request_id: str
+    ) -> UpstreamStream:
+        """Start a streamed completion and check its status before anything reaches the client."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._send({**payload, "stream": True}, client_key, request_id)
+                content_type = response.headers.get("content-type", "")
+                if "text/event-stream" in content_type:
+                    return UpstreamStream(response)
+                try:
+                    body = await response.aread()
+                finally:
+                    await response.aclose()
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
+        try:
+            completion = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise GatewayError("the gateway's answer is not JSON") from exc
+        return UpstreamStream(response, completion=completion)
+
+    async def _send(
+        self, payload: JSONObject, client_key: str | None, request_id: str
+    ) -> httpx.Response:
+        """Send with retries; returns an open 2xx response (the caller reads and closes it)."""
+        headers = self._headers(client_key, request_id)
+        body = orjson.dumps(payload)
+        attempt = 0
+        while True:
+            request = self._http.build_request(
+                "POST", "chat/completions", content=body, headers=headers
+            )
+            try:
+                response = await self._http.send(request, stream=True)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
+                raise
+            except httpx.TransportError as exc:
+                if attempt >= self._max_retries:
+                    raise GatewayError(
+                        f"the gateway is unreachable ({type(exc).__name__})"
+                    ) from exc
+                await self._backoff(attempt, None)
+                attempt += 1
+                continue
+            if response.status_code < 300:
+                return response
+            error_body = await response.aread()
+            await response.aclose()
+            status = response.status_code
+            retry_after = _retry_after_seconds(response)
+            retryable = status == 429 or status >= 500
+            capped = retry_after is not None and retry_after > self._retry_after_cap
+            if retryable and attempt < self._max_retries and not capped:
+                log.info("gateway retry", extra={"status": status, "attempt": attempt + 1})
+                await self._backoff(attempt, retry_after)
+                attempt += 1
+                continue
+            raise self._error(status, error_body, retry_after)
+
+    async def _backoff(self, attempt: int, retry_after: float | None) -> None:
+        if retry_after is not None:
+            delay = retry_after
+        else:  # full jitter, capped
+            delay = random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))  # noqa: S311 - jitter, not security
+        metrics.UPSTREAM_RETRIES.inc()
+        await asyncio.sleep(delay)
+
+    def _error(self, status: int, body: bytes, retry_after: float | None) -> ServiceError:
+        text = _error_text(body)
+        if self._api_key is not None:
+            text = text.replace(self._api_key.get_secret_value(), "[redacted]")
+        log.warning("gateway error", extra={"status": status, "gateway_detail": text[:500]})
+        if status == 429:
+            wait = retry_after if retry_after is not None else 1.0
+            return GatewayRateLimited(
+                f"the gateway's rate limit: {text}",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+        if status in (401, 403):
+            if self.pass_through:
+                return Unauthorized(f"the gateway rejected the key: {text}")
+            return GatewayError("the gateway rejected the service's key")
+        if 400 <= status < 500:
+            return GatewayRejected(text, status=status)
+        return GatewayError(f"the gateway failed with status {status}: {text}")

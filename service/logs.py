@@ -1,0 +1,62 @@
+"""Structured logging: one JSON object per line, and a per-request context for the access line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+
+_request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
+
+# LogRecord attributes that are not "extra" fields given by the caller.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields to the current request's access log line (no-op outside a request)."""
+    current = _request_fields.get()
+    if current is not None:
+        current.update(fields)
+
+
+def begin_request() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    _request_fields.set(fields)
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        if record.exc_info and record.exc_info[0] is not None:
+            # The type and the frames, not the message: messages can quote request content.
+            entry["error"] = record.exc_info[0].__name__
+            entry["traceback"] = "".join(traceback.format_tb(record.exc_info[2]))
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr for our loggers and uvicorn's; uvicorn's own access log is replaced
+    by ours (which carries the request id, tenant and timings)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

@@ -1,0 +1,141 @@
+"""RequestMiddleware (pure ASGI): request ids, the body-size limit, metrics and the access log."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import metrics
+from service.errors import problem_body
+from service.logs import begin_request
+
+log = logging.getLogger("service.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def tenant_hash(tenant: str) -> str:
+    return hashlib.sha256(tenant.encode()).hexdigest()[:12]
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        fields = begin_request()
+        status = 500
+        response_started = False
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        received = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge
+            return message
+
+        metrics.IN_FLIGHT.inc()
+        try:
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise BodyTooLarge
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BodyTooLarge:
+            if response_started:
+                raise
+            await self._problem(
+                send_wrapper,
+                413,
+                "Payload too large",
+                f"the body is over {self.max_body_bytes} bytes",
+                "payload-too-large",
+            )
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id})
+            if response_started:
+                raise
+            await self._problem(
+                send_wrapper,
+                500,
+                "Internal error",
+                "an unexpected error occurred",
+                "internal-error",
+            )
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self._record(scope, fields, request_id, status, time.perf_counter() - started)
+
+    @staticmethod
+    async def _problem(send: Send, status: int, title: str, detail: str, slug: str) -> None:
+        body = orjson.dumps(problem_body(status, title, detail, slug))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/problem+json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _record(
+        scope: Scope, fields: dict[str, Any], request_id: str, status: int, elapsed: float
+    ) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        method = scope["method"]
+        metrics.REQUESTS.labels(route, method, str(status)).inc()
+        metrics.LATENCY.labels(route, method, str(status)).observe(elapsed)
+        if route in ("/metrics", "/healthz", "/readyz") and status < 400:
+            return
+        entry: dict[str, Any] = {
+            "request_id": request_id,
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+        }
+        path_params = scope.get("path_params") or {}
+        if "conversation_id" in path_params:
+            entry["conversation_id"] = path_params["conversation_id"]
+        tenant = fields.pop("tenant", None)
+        if tenant is not None:
+            entry["tenant"] = tenant_hash(tenant)
+        entry.update(fields)
+        log.info("request", extra=entry)

@@ -1,0 +1,67 @@
+"""Domain records as stored in Redis: messages of a conversation and its settings."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+JSONObject = dict[str, Any]
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+class Message(BaseModel):
+    """One stored message.
+
+    `tokens` is declared first on purpose: the window-reading Lua script reads it from the
+    start of the JSON (`{"tokens":N,...`) without decoding the rest.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    tokens: int
+    seq: int
+    role: Role
+    content: str | list[JSONObject] | None = None
+    tool_calls: list[JSONObject] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    created_at: float
+
+    def to_wire(self) -> JSONObject:
+        """The message as the gateway expects it (no seq, tokens or timestamps)."""
+        wire: JSONObject = {"role": self.role.value, "content": self.content}
+        if self.tool_calls is not None:
+            wire["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            wire["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            wire["name"] = self.name
+        return wire
+
+
+class ConversationMeta(BaseModel):
+    """The metadata hash of one conversation, parsed."""
+
+    created_at: float
+    updated_at: float
+    system: str | None = None
+    model: str | None = None
+    token_budget: int | None = None
+    ttl_seconds: int | None = None
+    metadata: JSONObject | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ConversationSummary(BaseModel):
+    id: str
+    meta: ConversationMeta
+    message_count: int

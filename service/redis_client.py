@@ -1,0 +1,78 @@
+"""Opening the Redis client for REDIS_URL's topology: a single node, a Cluster, or Sentinel.
+
+  redis://host:port/db, rediss://..., unix:///path/redis.sock   a single node
+  redis+cluster://host:port[,host:port...]                       Redis Cluster (seed nodes)
+  redis+sentinel://host:port[,host:port...]/master-name[/db]     Sentinel-managed primary
+(`rediss+cluster://` and `rediss+sentinel://` use TLS.)
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+from service.store import RedisClient
+
+SOCKET_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+HEALTH_CHECK_SECONDS = 30
+
+
+def _hosts(netloc: str) -> list[tuple[str, int]]:
+    hosts = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, _, port = item.rpartition(":")
+        hosts.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
+    return hosts
+
+
+def open_redis(
+    url: str, *, pool_size: int, pool_timeout_seconds: float
+) -> tuple[RedisClient, bool]:
+    """The client and whether it is a Cluster. A blocking pool makes bursts queue, not fail."""
+    parts = urlsplit(url)
+    password = unquote(parts.password) if parts.password else None
+    username = unquote(parts.username) if parts.username else None
+    tls = parts.scheme.startswith("rediss")
+    if parts.scheme.endswith("+cluster"):
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in _hosts(parts.netloc)],
+            username=username,
+            password=password,
+            ssl=tls,
+            max_connections=pool_size,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_SECONDS,
+        )
+        return cluster, True
+    if parts.scheme.endswith("+sentinel"):
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError(
+                "redis+sentinel:// needs the master name: redis+sentinel://host:port/name"
+            )
+        sentinel = Sentinel(  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+            _hosts(parts.netloc),
+            sentinel_kwargs={"password": password},
+            username=username,
+            password=password,
+            ssl=tls,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_SECONDS,
+        )
+        db = int(path[1]) if len(path) > 1 else 0
+        return sentinel.master_for(path[0], db=db, max_connections=pool_size), False
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=pool_timeout_seconds,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        health_check_interval=HEALTH_CHECK_SECONDS,
+    )
+    return Redis(connection_pool=pool), False

@@ -1,0 +1,199 @@
+"""HTTP routes: thin handlers that parse, delegate to ChatService or ConversationStore, answer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import (
+    CallerDep,
+    ChatDep,
+    ConversationDep,
+    IdempotencyKeyDep,
+    RequestIdDep,
+    SettingsDep,
+    StoreDep,
+)
+from service.errors import ConversationNotFound, InvalidRequest, StoreUnavailable
+from service.schemas import (
+    ConversationList,
+    ConversationListItem,
+    ConversationPublic,
+    ConversationUpdate,
+    MessagePage,
+    MessagePublic,
+    TurnCreate,
+    Usage,
+    timestamp,
+)
+from service.store import ConversationStore
+
+router = APIRouter(prefix="/conversations", tags=["conversations"])
+ops = APIRouter(tags=["operations"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post(
+    "/{conversation_id}/messages",
+    response_model=None,
+    responses={
+        200: {
+            "description": "The gateway's completion plus `conversation`; "
+            "`text/event-stream` when `stream` is true"
+        }
+    },
+)
+async def post_turn(
+    body: TurnCreate,
+    ref: ConversationDep,
+    caller: CallerDep,
+    chat: ChatDep,
+    request_id: RequestIdDep,
+    idempotency_key: IdempotencyKeyDep,
+) -> Response:
+    if body.stream:
+        events = await chat.stream(
+            ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    result = await chat.turn(
+        ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+    )
+    headers = {"Idempotent-Replayed": "true"} if result.replayed else None
+    return Response(result.body, media_type="application/json", headers=headers)
+
+
+@router.get("/{conversation_id}/messages", response_model_exclude_unset=True)
+async def get_messages(
+    ref: ConversationDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[int | None, Query(ge=1)] = None,
+) -> MessagePage:
+    page = await store.page(ref, limit=limit, before=before)
+    if page is None:
+        raise ConversationNotFound(f"no conversation {ref.id!r}")
+    messages, has_more = page
+    return MessagePage(messages=[MessagePublic.from_record(m) for m in messages], has_more=has_more)
+
+
+@router.get("/{conversation_id}")
+async def get_conversation(
+    ref: ConversationDep, store: StoreDep, settings: SettingsDep
+) -> ConversationPublic:
+    return await _public(store, ref, settings.token_budget, settings.conversation_ttl_seconds)
+
+
+@router.put("/{conversation_id}", responses={201: {"description": "Created"}})
+async def put_conversation(
+    update: ConversationUpdate,
+    ref: ConversationDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    response: Response,
+) -> ConversationPublic:
+    sent = update.model_dump(exclude_unset=True)
+    set_fields = {
+        k: (orjson.dumps(v).decode() if k == "metadata" else str(v))
+        for k, v in sent.items()
+        if v is not None
+    }
+    clear_fields = [k for k, v in sent.items() if v is None]
+    created = await store.upsert(ref, set_fields=set_fields, clear_fields=clear_fields)
+    response.status_code = 201 if created else 200
+    return await _public(store, ref, settings.token_budget, settings.conversation_ttl_seconds)
+
+
+@router.delete("/{conversation_id}", status_code=204)
+async def delete_conversation(ref: ConversationDep, chat: ChatDep) -> Response:
+    if not await chat.delete(ref):
+        raise ConversationNotFound(f"no conversation {ref.id!r}")
+    return Response(status_code=204)
+
+
+@router.get("")
+async def list_conversations(
+    caller: CallerDep,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> ConversationList:
+    items, next_cursor = await store.list_conversations(
+        caller.tenant, limit=limit, cursor=_decode_cursor(cursor) if cursor else None
+    )
+    return ConversationList(
+        conversations=[
+            ConversationListItem(
+                id=s.id,
+                created_at=timestamp(s.meta.created_at),
+                updated_at=timestamp(s.meta.updated_at),
+                message_count=s.message_count,
+                model=s.meta.model,
+                metadata=s.meta.metadata,
+            )
+            for s in items
+        ],
+        next_cursor=_encode_cursor(next_cursor) if next_cursor else None,
+    )
+
+
+@ops.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops.get("/readyz")
+async def readyz(request: Request, store: StoreDep) -> dict[str, str]:
+    if request.state.lifecycle.draining:
+        raise StoreUnavailable("shutting down", headers={"Retry-After": "5"})
+    try:
+        await store.ping()
+    except Exception as exc:
+        raise StoreUnavailable("Redis does not answer", headers={"Retry-After": "1"}) from exc
+    return {"status": "ready"}
+
+
+@ops.get("/metrics", response_class=PlainTextResponse)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _public(
+    store: ConversationStore, ref: ConversationDep, default_budget: int, default_ttl: int
+) -> ConversationPublic:
+    summary = await store.summary(ref)
+    if summary is None:
+        raise ConversationNotFound(f"no conversation {ref.id!r}")
+    meta = summary.meta
+    return ConversationPublic(
+        id=ref.id,
+        created_at=timestamp(meta.created_at),
+        updated_at=timestamp(meta.updated_at),
+        message_count=summary.message_count,
+        model=meta.model,
+        system=meta.system,
+        token_budget=meta.token_budget or default_budget,
+        usage=Usage(input_tokens=meta.input_tokens, output_tokens=meta.output_tokens),
+        metadata=meta.metadata,
+        ttl_seconds=meta.ttl_seconds if meta.ttl_seconds is not None else default_ttl,
+    )
+
+
+def _encode_cursor(cursor: tuple[float, str]) -> str:
+    return base64.urlsafe_b64encode(f"{cursor[0]!r}|{cursor[1]}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(raw: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        score, _, conversation_id = text.partition("|")
+        return float(score), conversation_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidRequest("cursor is not one this service returned") from exc

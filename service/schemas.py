@@ -1,0 +1,230 @@
+"""Wire models: what clients send and what they get back."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+
+from service.models import JSONObject, Message
+
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def timestamp(epoch_seconds: float) -> datetime:
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC)
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; parts other than text are forwarded as given."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        return self
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: StrictStr
+    arguments: StrictStr = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    id: StrictStr
+    type: StrictStr = "function"
+    function: ToolCallFunction
+
+
+class MessageCreate(BaseModel):
+    """A new message from the client. Only user, assistant and tool roles may be sent."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
+    cache_control: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape_fits_role(self) -> MessageCreate:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id'")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("only a tool message may carry 'tool_call_id'")
+        if self.role != "assistant" and self.tool_calls is not None:
+            raise ValueError("only an assistant message may carry 'tool_calls'")
+        if self.role == "assistant":
+            if self.content is None and not self.tool_calls:
+                raise ValueError("an assistant message needs 'content' or 'tool_calls'")
+        elif self.content is None:
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
+    def to_wire(self) -> JSONObject:
+        return self.model_dump(mode="json", exclude_none=True) | {"content": self._content()}
+
+    def _content(self) -> Any:
+        if isinstance(self.content, list):
+            return [part.model_dump(mode="json", exclude_none=True) for part in self.content]
+        return self.content
+
+
+class TurnCreate(BaseModel):
+    """`POST /conversations/{id}/messages`: one new message or several, plus gateway parameters.
+
+    Parameters not named here are forwarded to the gateway as given.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    message: MessageCreate | None = None
+    messages: list[MessageCreate] | None = None
+    model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    system: StrictStr | None = None
+    stream: StrictBool = False
+    max_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_message_or_messages(self) -> TurnCreate:
+        if (self.message is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'message' or 'messages'")
+        new = self.new_messages()
+        if not new:
+            raise ValueError("'messages' must not be empty")
+        if new[-1].role not in ("user", "tool"):
+            raise ValueError("the last new message must be a user or tool message")
+        return self
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
+            raise ValueError("must be a number")
+        return value
+
+    def new_messages(self) -> list[MessageCreate]:
+        return [self.message] if self.message is not None else list(self.messages or [])
+
+    def gateway_params(self) -> JSONObject:
+        """Everything forwarded besides model and messages."""
+        params = self.model_dump(
+            mode="json",
+            exclude_none=True,
+            exclude={"message", "messages", "model", "system", "stream"},
+        )
+        params.update(self.model_extra or {})
+        for reserved in ("messages", "model", "stream"):
+            params.pop(reserved, None)
+        return params
+
+
+class ConversationUpdate(BaseModel):
+    """`PUT /conversations/{id}`: fields sent are set, null clears, absent stays as it was."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    system: StrictStr | None = None
+    model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    token_budget: Annotated[int, Field(ge=64, le=10_000_000, strict=True)] | None = None
+    ttl_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 24 * 3600, strict=True)] | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes")
+        return value
+
+
+class MessagePublic(BaseModel):
+    seq: int
+    role: str
+    content: str | list[JSONObject] | None
+    tool_calls: list[JSONObject] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    created_at: datetime
+
+    @classmethod
+    def from_record(cls, message: Message) -> MessagePublic:
+        """Optional fields are set only where present, so `exclude_unset` leaves out the rest."""
+        optional = {
+            field: value
+            for field in ("tool_calls", "tool_call_id", "name")
+            if (value := getattr(message, field)) is not None
+        }
+        return cls(
+            seq=message.seq,
+            role=message.role.value,
+            content=message.content,
+            created_at=timestamp(message.created_at),
+            **optional,
+        )
+
+
+class MessagePage(BaseModel):
+    messages: list[MessagePublic]
+    has_more: bool
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class ConversationPublic(BaseModel):
+    id: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    model: str | None
+    system: str | None
+    token_budget: int
+    usage: Usage
+    metadata: JSONObject | None
+    ttl_seconds: int
+
+
+class ConversationListItem(BaseModel):
+    id: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+    model: str | None
+    metadata: JSONObject | None
+
+
+class ConversationList(BaseModel):
+    conversations: list[ConversationListItem]
+    next_cursor: str | None

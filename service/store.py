@@ -1,0 +1,428 @@
+"""ConversationStore: the Redis key scheme, the Lua scripts, and (de)serialisation of records.
+
+Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
+  conv:{T:I}:log        list of message JSON; a message's seq is its list index + 1
+  conv:{T:I}:meta       hash: created_at, updated_at, system, model, token_budget, ttl_seconds,
+                        metadata (JSON), input_tokens, output_tokens
+  conv:{T:I}:lock       the turn lease: "<token>\\n<idempotency key hash>\\n<fingerprint>"
+  conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
+  conv:{T:I}:idemkeys   set of the idem keys above, so DELETE can remove them
+Per tenant: conv:{T}:index, a sorted set of conversation ids by last activity (ms).
+Per model: conv:calibration, a hash of token-estimate correction factors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, TypeVar
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import RedisError as _RedisError
+
+from service import redis_scripts
+from service.errors import StoreUnavailable
+from service.models import ConversationMeta, ConversationSummary, Message
+
+RedisClient = Redis | RedisCluster
+RedisError = _RedisError
+CALIBRATION_KEY = "conv:calibration"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRef:
+    tenant: str
+    id: str
+
+    def key(self, part: str) -> str:
+        return f"conv:{{{self.tenant}:{self.id}}}:{part}"
+
+    @property
+    def index_key(self) -> str:
+        return f"conv:{{{self.tenant}}}:index"
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    key_hash: str
+    fingerprint: str  # 64 hex characters
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    length: int
+    meta: ConversationMeta | None
+    window: list[Message]  # oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    retry_in_ms: int
+    inflight: bool  # held by the same idempotent request
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    pass
+
+
+BeginResult = Started | Waiting | Replay | Mismatch
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentRecord:
+    idempotency: Idempotency
+    body: bytes
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _meta(pairs: Sequence[bytes | str] | dict[Any, Any]) -> ConversationMeta | None:
+    raw = (
+        dict(pairs) if isinstance(pairs, dict) else dict(zip(pairs[::2], pairs[1::2], strict=True))
+    )
+    if not raw:
+        return None
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    if "metadata" in fields:
+        fields["metadata"] = orjson.loads(fields["metadata"])
+    fields.setdefault("created_at", fields.get("updated_at", "0"))
+    fields.setdefault("updated_at", fields["created_at"])
+    return ConversationMeta.model_validate(fields)
+
+
+class ConversationStore:
+    """All Redis I/O. Each public method is one round trip (a script or a pipeline)."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        *,
+        cluster: bool,
+        conversation_ttl_seconds: int,
+        idempotency_ttl_seconds: int,
+    ) -> None:
+        self._redis = redis
+        self._cluster = cluster
+        self._ttl = conversation_ttl_seconds
+        self._idem_ttl = idempotency_ttl_seconds
+        self._sources = {
+            name: getattr(redis_scripts, name)
+            for name in (
+                "BEGIN_TURN",
+                "COMMIT_TURN",
+                "RENEW_LOCK",
+                "RELEASE_LOCK",
+                "UPSERT_META",
+                "DELETE_CONVERSATION",
+            )
+        }
+        self._sha: dict[str, str] = {}
+        self._factors: dict[str, float] = {}
+
+    async def load_scripts(self) -> None:
+        for name, source in self._sources.items():
+            self._sha[name] = _text(await self._redis.script_load(source))
+
+    def cached_factor(self, model: str) -> float:
+        return self._factors.get(model, 1.0)
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def _call(self, run: Callable[[], Awaitable[T]]) -> T:
+        """Run one round trip; reload scripts once if Redis lost them (restart, failover)."""
+        try:
+            try:
+                return await run()
+            except NoScriptError:
+                await self.load_scripts()
+                return await run()
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise StoreUnavailable("Redis is unreachable", headers={"Retry-After": "1"}) from exc
+        except ResponseError:
+            raise
+        except _RedisError as exc:
+            raise StoreUnavailable(
+                f"Redis error ({type(exc).__name__})", headers={"Retry-After": "1"}
+            ) from exc
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async def run() -> Any:
+            if name not in self._sha:
+                await self.load_scripts()
+            return await self._redis.evalsha(self._sha[name], len(keys), *keys, *args)
+
+        return await self._call(run)
+
+    async def _pipeline(self, fill: Callable[[Any], None]) -> list[Any]:
+        async def run() -> list[Any]:
+            if not self._sha:
+                await self.load_scripts()
+            async with self._redis.pipeline(transaction=False) as pipe:
+                fill(pipe)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            for result in results:
+                if isinstance(result, NoScriptError):
+                    raise result
+                if isinstance(result, Exception):
+                    raise result
+            return results
+
+        return await self._call(run)
+
+    # ---- turns -------------------------------------------------------------------------------
+
+    async def begin_turn(
+        self,
+        ref: ConversationRef,
+        *,
+        lock_value: str,
+        lease_ms: int,
+        default_budget: int,
+        budget_scale: float,
+        max_messages: int,
+        idempotency: Idempotency | None,
+    ) -> BeginResult:
+        """Take the lease and read the window in one round trip, with the shared token-estimate
+        corrections of every model."""
+        keys = [ref.key("log"), ref.key("meta"), ref.key("lock")]
+        if idempotency is not None:
+            keys.append(ref.key(f"idem:{idempotency.key_hash}"))
+        args = [
+            lock_value,
+            lease_ms,
+            default_budget,
+            max_messages,
+            idempotency.fingerprint if idempotency else "",
+            idempotency.key_hash if idempotency else "",
+            repr(budget_scale),
+        ]
+
+        def fill(pipe: Any) -> None:
+            pipe.evalsha(self._sha["BEGIN_TURN"], len(keys), *keys, *args)
+            pipe.hgetall(CALIBRATION_KEY)
+
+        answer, factors = await self._pipeline(fill)
+        self._factors.update({_text(k): float(v) for k, v in factors.items()})
+        kind = _text(answer[0])
+        if kind == "ok":
+            window = [Message.model_validate_json(item) for item in reversed(answer[3])]
+            return Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
+        if kind == "replay":
+            body = answer[1]
+            return Replay(body=body if isinstance(body, bytes) else body.encode())
+        if kind == "mismatch":
+            return Mismatch()
+        return Waiting(retry_in_ms=max(1, int(answer[1])), inflight=kind == "inflight")
+
+    async def commit_turn(
+        self,
+        ref: ConversationRef,
+        *,
+        lock_value: str,
+        expected_length: int,
+        messages: Sequence[Message],
+        meta_updates: dict[str, str],
+        input_tokens: int,
+        output_tokens: int,
+        record: IdempotentRecord | None,
+        model: str,
+        factor: float | None,
+    ) -> Literal["ok", "lost", "conflict"]:
+        """Append the turn, update metadata, index and TTL, store the idempotent response and
+        release the lease: atomically, and only if the lease is still ours (fencing)."""
+        now = time.time()
+        log = ref.key("log")
+        idem_key = ref.key(f"idem:{record.idempotency.key_hash}") if record else log
+        index_inline = not self._cluster
+        keys = [
+            log,
+            ref.key("meta"),
+            ref.key("lock"),
+            idem_key,
+            ref.key("idemkeys") if record else log,
+            ref.index_key if index_inline else log,
+        ]
+        args: list[Any] = [
+            lock_value,
+            expected_length,
+            repr(now),
+            self._ttl,
+            "1" if record else "0",
+            (record.idempotency.fingerprint.encode() + b"\n" + record.body) if record else "",
+            self._idem_ttl,
+            "1" if index_inline else "0",
+            ref.id,
+            input_tokens,
+            output_tokens,
+            len(messages),
+            *(m.model_dump_json(exclude_none=True) for m in messages),
+        ]
+        for field, value in meta_updates.items():
+            args += [field, value]
+
+        def fill(pipe: Any) -> None:
+            pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, *args)
+            if factor is not None:
+                pipe.hset(CALIBRATION_KEY, model, repr(factor))
+
+        answer = (await self._pipeline(fill))[0]
+        outcome = _text(answer[0])
+        if outcome == "ok" and self._cluster:
+            await self._call(lambda: self._redis.zadd(ref.index_key, {ref.id: now}))
+        if factor is not None:
+            self._factors[model] = factor
+        return "ok" if outcome == "ok" else "lost" if outcome == "lost" else "conflict"
+
+    async def renew(self, ref: ConversationRef, lock_value: str, lease_ms: int) -> bool:
+        return bool(await self._script("RENEW_LOCK", [ref.key("lock")], [lock_value, lease_ms]))
+
+    async def release(self, ref: ConversationRef, lock_value: str) -> None:
+        await self._script("RELEASE_LOCK", [ref.key("lock")], [lock_value])
+
+    # ---- reads and settings ------------------------------------------------------------------
+
+    async def summary(self, ref: ConversationRef) -> ConversationSummary | None:
+        def fill(pipe: Any) -> None:
+            pipe.hgetall(ref.key("meta"))
+            pipe.llen(ref.key("log"))
+
+        raw_meta, length = await self._pipeline(fill)
+        meta = _meta(raw_meta)
+        if meta is None:
+            return None
+        return ConversationSummary(id=ref.id, meta=meta, message_count=int(length))
+
+    async def page(
+        self, ref: ConversationRef, *, limit: int, before: int | None
+    ) -> tuple[list[Message], bool] | None:
+        """Messages with seq < before (or the newest), oldest first, and whether older exist.
+        None: no such conversation."""
+
+        def fill(pipe: Any) -> None:
+            pipe.exists(ref.key("meta"))
+            pipe.llen(ref.key("log"))
+
+        exists, length = await self._pipeline(fill)
+        if not exists:
+            return None
+        end = min(int(length), before - 1) if before is not None else int(length)
+        start = max(0, end - limit)
+        if end <= 0:
+            return [], False
+        items: list[Any] = await self._call(
+            partial(self._redis.lrange, ref.key("log"), start, end - 1)
+        )
+        return [Message.model_validate_json(item) for item in items], start > 0
+
+    async def upsert(
+        self, ref: ConversationRef, *, set_fields: dict[str, str], clear_fields: Sequence[str]
+    ) -> bool:
+        """Create or update settings; True when the conversation was created."""
+        now = time.time()
+        keys = [ref.key("meta"), ref.key("log")]
+        index_inline = not self._cluster
+        if index_inline:
+            keys.append(ref.index_key)
+        args: list[Any] = [repr(now), self._ttl, ref.id]
+        for field, value in set_fields.items():
+            args += ["set", field, value]
+        for field in clear_fields:
+            args += ["del", field, ""]
+        created = bool(await self._script("UPSERT_META", keys, args))
+        if not index_inline:
+            await self._call(lambda: self._redis.zadd(ref.index_key, {ref.id: now}))
+        return created
+
+    async def delete(self, ref: ConversationRef) -> Waiting | bool:
+        """Delete everything of a conversation unless a turn holds it; True if it existed."""
+        keys = [ref.key("log"), ref.key("meta"), ref.key("lock"), ref.key("idemkeys")]
+        if not self._cluster:
+            keys.append(ref.index_key)
+        answer = await self._script("DELETE_CONVERSATION", keys, [ref.id])
+        if _text(answer[0]) == "busy":
+            return Waiting(retry_in_ms=max(1, int(answer[1])), inflight=False)
+        if self._cluster:
+            await self._call(lambda: self._redis.zrem(ref.index_key, ref.id))
+        return bool(int(answer[1]))
+
+    async def list_conversations(
+        self, tenant: str, *, limit: int, cursor: tuple[float, str] | None
+    ) -> tuple[list[ConversationSummary], tuple[float, str] | None]:
+        """Newest activity first; `cursor` is the (score, id) of the last item already seen."""
+        index = ConversationRef(tenant, "").index_key
+        top: float | str = cursor[0] if cursor else "+inf"
+        found: list[tuple[float, ConversationSummary]] = []
+        offset, batch = 0, limit + 8
+        while len(found) <= limit:
+            rows: list[Any] = await self._call(
+                partial(
+                    self._redis.zrange,
+                    index,
+                    top,
+                    "-inf",
+                    byscore=True,
+                    desc=True,
+                    offset=offset,
+                    num=batch,
+                    withscores=True,
+                )
+            )
+            offset += len(rows)
+            # Equal scores come in descending id order: skip what the cursor already covered.
+            fresh = [
+                (float(score), _text(member))
+                for member, score in rows
+                if not (cursor and float(score) == cursor[0] and _text(member) >= cursor[1])
+            ]
+            summaries = await self._summaries(tenant, [cid for _, cid in fresh])
+            gone = [
+                cid for (_, cid), summary in zip(fresh, summaries, strict=True) if summary is None
+            ]
+            if gone:  # expired or deleted: the index is a derived view, tidy it lazily
+                await self._call(partial(self._redis.zrem, index, *gone))
+            found += [
+                (score, summary)
+                for (score, _), summary in zip(fresh, summaries, strict=True)
+                if summary is not None
+            ]
+            if len(rows) < batch:
+                break
+        page = found[:limit]
+        next_cursor = (page[-1][0], page[-1][1].id) if len(found) > limit else None
+        return [summary for _, summary in page], next_cursor
+
+    async def _summaries(self, tenant: str, ids: Sequence[str]) -> list[ConversationSummary | None]:
+        refs = [ConversationRef(tenant, cid) for cid in ids]
+
+        def fill(pipe: Any) -> None:
+            for ref in refs:
+                pipe.hgetall(ref.key("meta"))
+                pipe.llen(ref.key("log"))
+
+        results = await self._pipeline(fill) if refs else []
+        out: list[ConversationSummary | None] = []
+        for i, ref in enumerate(refs):
+            meta = _meta(results[2 * i])
+            out.append(
+                None
+                if meta is None
+                else ConversationSummary(
+                    id=ref.id, meta=meta, message_count=int(results[2 * i + 1])
+                )
+            )
+        return out

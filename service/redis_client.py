@@ -21,6 +21,20 @@ CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_SECONDS = 30
 
 
+class _SentinelPrimary(Redis):
+    """The Sentinel-managed primary; closing it also closes the connections to the Sentinels,
+    which redis-py leaves to the caller."""
+
+    owned_sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.owned_sentinel is not None:
+                await self.owned_sentinel.aclose()
+
+
 def _hosts(netloc: str) -> list[tuple[str, int]]:
     hosts = []
     for item in netloc.rpartition("@")[2].split(","):
@@ -66,7 +80,11 @@ def open_redis(
             health_check_interval=HEALTH_CHECK_SECONDS,
         )
         db = int(path[1]) if len(path) > 1 else 0
-        return sentinel.master_for(path[0], db=db, max_connections=pool_size), False
+        primary: _SentinelPrimary = sentinel.master_for(
+            path[0], redis_class=_SentinelPrimary, db=db, max_connections=pool_size
+        )
+        primary.owned_sentinel = sentinel
+        return primary, False
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=pool_size,

@@ -1,0 +1,257 @@
+"""The conversation API on a real Redis Cluster (3 primaries) and behind a real Sentinel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from service.app import create_app
+from service.redis_client import open_redis
+from service.store import ConversationRef
+from tests.conftest import CLIENT_KEY, OTHER_KEY, make_settings
+from tests.fake_gateway import FakeGateway
+from tests.redis_topologies import LocalCluster, LocalSentinel
+
+Topology = LocalCluster | LocalSentinel
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSentinel]:
+    sentinel = LocalSentinel(tmp_path_factory.mktemp("sentinel"))
+    sentinel.start()
+    yield sentinel
+    sentinel.stop()
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def topology(request: pytest.FixtureRequest) -> Topology:
+    found: Topology = request.getfixturevalue(f"redis_{request.param}")
+    found.flushall()
+    return found
+
+
+@pytest.fixture
+async def topo_client(
+    topology: Topology, gateway: FakeGateway
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        make_settings(topology.url), gateway_transport=httpx.MockTransport(gateway.handle)
+    )
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
+            base_url="http://test",
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        ) as http,
+    ):
+        yield http
+
+
+@pytest.fixture
+async def topo_redis(topology: Topology) -> AsyncIterator[Redis | RedisCluster]:
+    """A client of the topology, opened the way the service opens it."""
+    client, _ = open_redis(topology.url, pool_size=4, pool_timeout_seconds=5.0)
+    yield client
+    await client.aclose()
+
+
+def user(content: str) -> dict[str, Any]:
+    return {"message": {"role": "user", "content": content}}
+
+
+async def turn(client: httpx.AsyncClient, cid: str, content: str, **kwargs: Any) -> httpx.Response:
+    response = await client.post(f"/conversations/{cid}/messages", json=user(content), **kwargs)
+    assert response.status_code == 200, response.text
+    return response
+
+
+async def test_ready(topo_client: httpx.AsyncClient) -> None:
+    response = await topo_client.get("/readyz")
+    assert response.status_code == 200, response.text
+
+
+async def test_two_turns_forward_the_history(
+    topo_client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    await turn(topo_client, "c1", "What is the capital of France?")
+    second = await turn(topo_client, "c1", "What's the population?")
+
+    assert [(m["role"], m["content"]) for m in gateway.received[1]["messages"]] == [
+        ("user", "What is the capital of France?"),
+        ("assistant", "reply to: What is the capital of France?"),
+        ("user", "What's the population?"),
+    ]
+    assert second.json()["conversation"]["message_count"] == 4
+    assert second.json()["choices"][0]["message"]["content"] == "reply to: What's the population?"
+
+
+async def test_messages_paginate_backwards(topo_client: httpx.AsyncClient) -> None:
+    for i in range(3):
+        await turn(topo_client, "paged", f"question {i}")
+
+    newest = await topo_client.get("/conversations/paged/messages", params={"limit": 4})
+    assert newest.status_code == 200, newest.text
+    page = newest.json()
+    assert [m["seq"] for m in page["messages"]] == [3, 4, 5, 6]
+    assert [m["content"] for m in page["messages"][::2]] == ["question 1", "question 2"]
+    assert page["has_more"] is True
+
+    older = await topo_client.get(
+        "/conversations/paged/messages",
+        params={"limit": 4, "before": page["messages"][0]["seq"]},
+    )
+    assert [m["seq"] for m in older.json()["messages"]] == [1, 2]
+    assert older.json()["has_more"] is False
+    assert (await topo_client.get("/conversations/nope/messages")).status_code == 404
+
+
+async def test_put_get_delete_conversation(
+    topo_client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    created = await topo_client.put(
+        "/conversations/settings", json={"system": "Be brief.", "metadata": {"user": "u1"}}
+    )
+    assert created.status_code == 201, created.text
+    updated = await topo_client.put("/conversations/settings", json={"model": "m-small"})
+    assert updated.status_code == 200, updated.text
+
+    got = (await topo_client.get("/conversations/settings")).json()
+    assert (got["system"], got["model"], got["metadata"]) == ("Be brief.", "m-small", {"user": "u1"})
+    assert got["message_count"] == 0
+
+    await turn(topo_client, "settings", "hello")
+    assert gateway.received[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert gateway.received[0]["model"] == "m-small"
+
+    assert (await topo_client.delete("/conversations/settings")).status_code == 204
+    assert (await topo_client.get("/conversations/settings")).status_code == 404
+    assert (await topo_client.get("/conversations/settings/messages")).status_code == 404
+    assert (await topo_client.delete("/conversations/settings")).status_code == 404
+    listed = (await topo_client.get("/conversations")).json()["conversations"]
+    assert "settings" not in [item["id"] for item in listed]
+
+
+async def test_listing_is_newest_activity_first(topo_client: httpx.AsyncClient) -> None:
+    for cid in ("a", "b", "c"):
+        await turn(topo_client, cid, f"first message of {cid}")
+    await turn(topo_client, "a", "a again")
+
+    everything = (await topo_client.get("/conversations")).json()
+    assert [item["id"] for item in everything["conversations"]] == ["a", "c", "b"]
+    assert everything["next_cursor"] is None
+    assert [item["message_count"] for item in everything["conversations"]] == [4, 2, 2]
+
+    first = (await topo_client.get("/conversations", params={"limit": 2})).json()
+    assert [item["id"] for item in first["conversations"]] == ["a", "c"]
+    rest = (
+        await topo_client.get("/conversations", params={"limit": 2, "cursor": first["next_cursor"]})
+    ).json()
+    assert [item["id"] for item in rest["conversations"]] == ["b"]
+    assert rest["next_cursor"] is None
+
+
+async def test_idempotent_replay(topo_client: httpx.AsyncClient, gateway: FakeGateway) -> None:
+    headers = {"Idempotency-Key": "turn-1"}
+    first = await turn(topo_client, "idem", "once only", headers=headers)
+    again = await turn(topo_client, "idem", "once only", headers=headers)
+
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == first.json()
+    assert gateway.calls == 1
+    conversation = (await topo_client.get("/conversations/idem")).json()
+    assert conversation["message_count"] == 2
+
+    other_body = await topo_client.post(
+        "/conversations/idem/messages", json=user("something else"), headers=headers
+    )
+    assert other_body.status_code == 422, other_body.text
+
+
+async def test_tenants_are_isolated(topo_client: httpx.AsyncClient, gateway: FakeGateway) -> None:
+    await turn(topo_client, "shared-id", "acme's secret")
+    beta = {"Authorization": f"Bearer {OTHER_KEY}"}
+
+    assert (await topo_client.get("/conversations/shared-id", headers=beta)).status_code == 404
+    messages = await topo_client.get("/conversations/shared-id/messages", headers=beta)
+    assert messages.status_code == 404
+    assert (await topo_client.delete("/conversations/shared-id", headers=beta)).status_code == 404
+    listed = await topo_client.get("/conversations", headers=beta)
+    assert listed.json()["conversations"] == []
+
+    await turn(topo_client, "shared-id", "beta's own", headers=beta)
+    assert [m["content"] for m in gateway.received[-1]["messages"]] == ["beta's own"]
+    acme = (await topo_client.get("/conversations/shared-id")).json()
+    assert acme["message_count"] == 2
+
+
+async def test_lost_script_cache_is_reloaded(
+    topology: Topology, topo_client: httpx.AsyncClient
+) -> None:
+    """After a restart or failover the primaries know no scripts: the store loads them again."""
+    await turn(topo_client, "flushed", "before")
+    for primary in topology.primaries():
+        with primary:
+            primary.script_flush()
+    second = await turn(topo_client, "flushed", "after")
+    assert second.json()["conversation"]["message_count"] == 4
+
+
+@pytest.mark.parametrize("topology", ["cluster"], indirect=True)
+async def test_conversation_keys_share_one_slot(
+    topo_client: httpx.AsyncClient, topo_redis: Redis | RedisCluster
+) -> None:
+    assert isinstance(topo_redis, RedisCluster)
+    await turn(topo_client, "slotted", "hello", headers={"Idempotency-Key": "k1"})
+    ref = ConversationRef("acme", "slotted")
+    keys = sorted(
+        [_text(key) async for key in topo_redis.scan_iter(match="conv:{acme:slotted}:*")]
+    )
+    assert {key.rsplit(":", 1)[-1] for key in keys} >= {"log", "meta", "idemkeys"}
+    assert any(":idem:" in key for key in keys)
+
+    slots = {topo_redis.keyslot(key) for key in [*keys, ref.key("lock")]}
+    server_slots = {
+        await topo_redis.execute_command("CLUSTER KEYSLOT", key)
+        for key in (ref.key("log"), ref.key("meta"), ref.key("lock"))
+    }
+    assert len(slots) == 1
+    assert server_slots == slots
+    assert await topo_redis.zscore(ref.index_key, "slotted") is not None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def test_sentinel_url_needs_a_master_name() -> None:
+    with pytest.raises(ValueError, match="master name"):
+        open_redis("redis+sentinel://127.0.0.1:26379", pool_size=1, pool_timeout_seconds=1.0)
+
+
+async def test_sentinel_url_selects_the_database(redis_sentinel: LocalSentinel) -> None:
+    client, cluster = open_redis(
+        redis_sentinel.url + "/3", pool_size=2, pool_timeout_seconds=1.0
+    )
+    try:
+        assert cluster is False
+        assert isinstance(client, Redis)
+        await client.set("probe", "1")
+        assert (await client.client_info())["db"] == 3
+    finally:
+        await client.aclose()
+        redis_sentinel.flushall()

@@ -133,13 +133,13 @@ class ChatService:
         caller: Caller,
         request_id: str,
         idempotency_key: str | None,
-    ) -> AsyncIterator[bytes]:
+    ) -> tuple[AsyncIterator[bytes], bool]:
         """Open a streamed turn. Errors up to the gateway's first byte raise here; the returned
-        iterator relays the chunks, commits at the end, and stores nothing if cut short."""
+        iterator relays the chunks, commits at the end, and stores nothing if cut short.
+        The flag says whether this is an idempotent replay."""
         opened = await self._open(ref, request, idempotency_key)
         if isinstance(opened, Replay):
-            annotate(replayed=True)
-            return _replay_as_sse(opened.body)
+            return _replay_as_sse(opened.body), True
         try:
             upstream = await self._gateway.open_stream(
                 opened.payload, client_key=caller.upstream_key, request_id=request_id
@@ -147,7 +147,7 @@ class ChatService:
         except BaseException:
             await self._abandon(opened)
             raise
-        return self._relay(opened, upstream)
+        return self._relay(opened, upstream), False
 
     async def _relay(self, turn: _Turn, upstream: UpstreamStream) -> AsyncIterator[bytes]:
         committed = False

@@ -59,15 +59,16 @@ async def post_turn(
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
     if body.stream:
-        events = await chat.stream(
+        events, replayed = await chat.stream(
             ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
         )
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        headers = {**SSE_HEADERS, "Idempotent-Replayed": "true"} if replayed else SSE_HEADERS
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     result = await chat.turn(
         ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
     )
-    headers = {"Idempotent-Replayed": "true"} if result.replayed else None
-    return Response(result.body, media_type="application/json", headers=headers)
+    replay = {"Idempotent-Replayed": "true"} if result.replayed else None
+    return Response(result.body, media_type="application/json", headers=replay)
 
 
 @router.get("/{conversation_id}/messages", response_model_exclude_unset=True)

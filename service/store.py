@@ -104,6 +104,22 @@ def _meta(pairs: Sequence[bytes | str] | dict[Any, Any]) -> ConversationMeta | N
     return ConversationMeta.model_validate(fields)
 
 
+class _ClusterPipeline:
+    """A cluster pipeline that accepts EVALSHA. redis-py blocks `evalsha` on cluster pipelines
+    because it cannot know a script is loaded on every node; ours are (SCRIPT LOAD goes to all
+    primaries) and a NOSCRIPT reply reloads them, so the command is queued as is, routed by the
+    slot of its keys like any other."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return self._pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+
 class ConversationStore:
     """All Redis I/O. Each public method is one round trip (a script or a pipeline)."""
 
@@ -173,7 +189,7 @@ class ConversationStore:
             if not self._sha:
                 await self.load_scripts()
             async with self._redis.pipeline(transaction=False) as pipe:
-                fill(pipe)
+                fill(_ClusterPipeline(pipe) if self._cluster else pipe)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             for result in results:
                 if isinstance(result, NoScriptError):

@@ -16,6 +16,9 @@ from service.config import Settings
 from service.embedded_redis import EmbeddedRedis
 from tests.fake_gateway import FakeGateway
 
+# Real processes for end-to-end tests: gateway_process, replicas, spawn_replica, gateway_control.
+pytest_plugins = ["tests.processes"]
+
 CLIENT_KEY = "client-key-acme"
 OTHER_KEY = "client-key-beta"
 GATEWAY_KEY = "gw-canary-secret-0000"
@@ -57,7 +60,7 @@ def make_settings(redis_url: str, **overrides: object) -> Settings:
         "data_dir": Path("/nonexistent"),
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg] # pydantic-settings init kwarg
+    return Settings.model_validate(values)  # not __init__: no environment or .env leaks in
 
 
 @pytest.fixture

@@ -275,9 +275,7 @@ def spawn_replica(
     started: list[Replica] = []
 
     def spawn(**env: str) -> Replica:
-        (replica,) = start_replicas(
-            1, redis_url, gateway_process.base_url, log_dir=tmp_path, **env
-        )
+        (replica,) = start_replicas(1, redis_url, gateway_process.base_url, log_dir=tmp_path, **env)
         started.append(replica)
         return replica
 

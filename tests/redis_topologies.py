@@ -213,10 +213,15 @@ class LocalSentinel:
         return self.url
 
     def _master_seen(self) -> bool:
-        assert self.sentinel is not None and self.master is not None
+        assert self.sentinel is not None
+        assert self.master is not None
         with self.sentinel.client() as conn:
             state = conn.execute_command("SENTINEL", "MASTER", self.master_name)
-            fields = state if isinstance(state, dict) else dict(zip(state[::2], state[1::2]))
+            fields = (
+                state
+                if isinstance(state, dict)
+                else dict(zip(state[::2], state[1::2], strict=False))
+            )
             flags = str(fields.get("flags", "")).split(",")
             down = {"s_down", "o_down", "disconnected"}
             return (

@@ -19,7 +19,8 @@ def user(text: str) -> dict[str, Any]:
 
 
 async def stored_keys(redis: Redis) -> list[bytes]:
-    return [k for k in await redis.keys("*") if not k.startswith(b"conv:calibration")]
+    keys: list[Any] = await redis.keys("*")
+    return [k for k in keys if not k.startswith(b"conv:calibration")]
 
 
 async def test_two_turn_flow_sends_the_whole_history(
@@ -53,7 +54,7 @@ async def test_two_turn_flow_sends_the_whole_history(
     assert gateway.received_headers[0]["authorization"] == GATEWAY_KEY  # raw key, no Bearer
     assert gateway.received_headers[0]["x-request-id"] == "req-123"
     assert GATEWAY_KEY not in first.text + second.text
-    log = await redis.lrange("conv:{acme:trip-1}:log", 0, -1)
+    log: list[Any] = await redis.lrange("conv:{acme:trip-1}:log", 0, -1)
     assert [m.count(b'"seq"') for m in log] == [1, 1, 1, 1]
     page = (await client.get("/conversations/trip-1/messages")).json()
     assert [(m["seq"], m["role"]) for m in page["messages"]] == [
@@ -272,7 +273,8 @@ async def test_pass_through_mode_forwards_the_callers_key(
             await http.get("/conversations/p", headers={"Authorization": ""})
         ).status_code == 401
     keys = await stored_keys(redis)
-    assert keys and all(b"user-own-gateway-key" not in k for k in keys)
+    assert keys
+    assert all(b"user-own-gateway-key" not in k for k in keys)
 
 
 async def test_conversation_settings_lifecycle(
@@ -293,8 +295,10 @@ async def test_conversation_settings_lifecycle(
     updated = await client.put("/conversations/s1", json={"metadata": {"user": "u2"}})
     assert updated.status_code == 200
     got = (await client.get("/conversations/s1")).json()
-    assert got["system"] == "Be brief." and got["model"] == "gpt-4.1"
-    assert got["token_budget"] == 3000 and got["ttl_seconds"] == 60
+    assert got["system"] == "Be brief."
+    assert got["model"] == "gpt-4.1"
+    assert got["token_budget"] == 3000
+    assert got["ttl_seconds"] == 60
     assert got["metadata"] == {"user": "u2"}
     turn = await client.post("/conversations/s1/messages", json=user("hi"))
     assert turn.status_code == 200
@@ -302,7 +306,8 @@ async def test_conversation_settings_lifecycle(
     assert gateway.received[0]["model"] == "gpt-4.1"
     assert gateway.received[0]["messages"][0] == {"role": "system", "content": "Be brief."}
     usage = (await client.get("/conversations/s1")).json()["usage"]
-    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["input_tokens"] > 0
+    assert usage["output_tokens"] > 0
     cleared = await client.put("/conversations/s1", json={"system": None})
     assert cleared.json()["system"] is None
     bad = await client.put("/conversations/s1", json={"token_budget": "big"})
@@ -559,10 +564,15 @@ async def test_forwarded_parameters(client: httpx.AsyncClient, gateway: FakeGate
     assert response.status_code == 200
     sent = gateway.received[0]
     assert sent["model"] == "gpt-5"
-    assert sent["max_tokens"] == 50 and sent["temperature"] == 0.2 and sent["top_p"] == 1
-    assert sent["stop"] == ["\n"] and sent["fallbacks"] == ["x"]
+    assert sent["max_tokens"] == 50
+    assert sent["temperature"] == 0.2
+    assert sent["top_p"] == 1
+    assert sent["stop"] == ["\n"]
+    assert sent["fallbacks"] == ["x"]
     assert sent["response_format"] == {"type": "json_schema"}
     assert sent["messages"][0] == {"role": "system", "content": "You are terse."}
-    assert "system" not in sent and "stream" not in sent
+    assert "system" not in sent
+    assert "stream" not in sent
     meta = (await client.get("/conversations/p")).json()
-    assert meta["system"] == "You are terse." and meta["model"] == "gpt-5"
+    assert meta["system"] == "You are terse."
+    assert meta["model"] == "gpt-5"

@@ -45,9 +45,7 @@ def topology(request: pytest.FixtureRequest) -> Topology:
 
 
 @pytest.fixture
-async def topo_client(
-    topology: Topology, gateway: FakeGateway
-) -> AsyncIterator[httpx.AsyncClient]:
+async def topo_client(topology: Topology, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(
         make_settings(topology.url), gateway_transport=httpx.MockTransport(gateway.handle)
     )
@@ -131,7 +129,11 @@ async def test_put_get_delete_conversation(
     assert updated.status_code == 200, updated.text
 
     got = (await topo_client.get("/conversations/settings")).json()
-    assert (got["system"], got["model"], got["metadata"]) == ("Be brief.", "m-small", {"user": "u1"})
+    assert (got["system"], got["model"], got["metadata"]) == (
+        "Be brief.",
+        "m-small",
+        {"user": "u1"},
+    )
     assert got["message_count"] == 0
 
     await turn(topo_client, "settings", "hello")
@@ -218,9 +220,7 @@ async def test_conversation_keys_share_one_slot(
     assert isinstance(topo_redis, RedisCluster)
     await turn(topo_client, "slotted", "hello", headers={"Idempotency-Key": "k1"})
     ref = ConversationRef("acme", "slotted")
-    keys = sorted(
-        [_text(key) async for key in topo_redis.scan_iter(match="conv:{acme:slotted}:*")]
-    )
+    keys = sorted([_text(key) async for key in topo_redis.scan_iter(match="conv:{acme:slotted}:*")])
     assert {key.rsplit(":", 1)[-1] for key in keys} >= {"log", "meta", "idemkeys"}
     assert any(":idem:" in key for key in keys)
 
@@ -244,9 +244,7 @@ def test_sentinel_url_needs_a_master_name() -> None:
 
 
 async def test_sentinel_url_selects_the_database(redis_sentinel: LocalSentinel) -> None:
-    client, cluster = open_redis(
-        redis_sentinel.url + "/3", pool_size=2, pool_timeout_seconds=1.0
-    )
+    client, cluster = open_redis(redis_sentinel.url + "/3", pool_size=2, pool_timeout_seconds=1.0)
     try:
         assert cluster is False
         assert isinstance(client, Redis)

@@ -1,0 +1,58 @@
+"""Seeding conversations straight into Redis, in the store's own layout (service/store.py)."""
+
+from __future__ import annotations
+
+import time
+from redis import Redis
+
+from bench.upstreams import REPLY_TEXT, USER_TEXT
+from service.models import Message, Role
+from service.store import ConversationRef
+from service.tokens import message_tokens
+
+
+def message_json(seq: int, now: float) -> bytes:
+    """The stored JSON of message `seq` (1-based): user on odd seqs, the assistant on even."""
+    role = Role.USER if seq % 2 else Role.ASSISTANT
+    text = USER_TEXT if role is Role.USER else REPLY_TEXT
+    record = Message(
+        tokens=message_tokens({"role": role.value, "content": text}),
+        seq=seq,
+        role=role,
+        content=text,
+        created_at=now,
+    )
+    return record.model_dump_json(exclude_none=True).encode()
+
+
+def seed(
+    redis: Redis,
+    tenant: str,
+    prefix: str,
+    conversations: int,
+    messages: int,
+    *,
+    ttl_seconds: int = 3600,
+) -> int:
+    """Create conversations <prefix>0..N-1 with `messages` stored messages each.
+    Returns the bytes of message JSON written."""
+    now = time.time()
+    payloads = [message_json(seq, now + seq / 1e6) for seq in range(1, messages + 1)]
+    written = 0
+    index = ConversationRef(tenant, "").index_key
+    pipe = redis.pipeline(transaction=False)
+    for n in range(conversations):
+        ref = ConversationRef(tenant, f"{prefix}{n}")
+        log = ref.key("log")
+        pipe.delete(log, ref.key("meta"), ref.key("lock"))
+        for start in range(0, messages, 1000):
+            pipe.rpush(log, *payloads[start : start + 1000])
+        pipe.hset(ref.key("meta"), mapping={"created_at": repr(now), "updated_at": repr(now)})
+        pipe.expire(log, ttl_seconds)
+        pipe.expire(ref.key("meta"), ttl_seconds)
+        pipe.zadd(index, {ref.id: now})
+        written += sum(len(p) for p in payloads)
+        if len(pipe) >= 2000:
+            pipe.execute()
+    pipe.execute()
+    return written

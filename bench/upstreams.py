@@ -1,0 +1,120 @@
+"""Upstreams for the bench: nginx answering a canned completion, and a slow Python one.
+
+`python -m bench.upstreams PORT DELAY_SECONDS` serves the canned completion after DELAY_SECONDS
+(aiohttp on uvloop), for the in-flight run where nginx cannot wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import orjson
+
+# Every stored message in the bench is this long: 4 + 80/4 = 24 estimated tokens each.
+CONTENT_CHARS = 80
+MESSAGE_TOKENS = 24
+WINDOW_MESSAGES = 20
+# The forwarded array of a 20-message window plus the new message, in the service's estimate.
+ARRAY_TOKENS = 3 + MESSAGE_TOKENS * (WINDOW_MESSAGES + 1)
+# Ten whole turns fit, eleven do not: every window is 20 messages once 20 are stored.
+TOKEN_BUDGET = ARRAY_TOKENS + MESSAGE_TOKENS // 2
+MODEL = "bench-model"
+
+REPLY_TEXT = ("The bench upstream answers every request with this same reply. " * 2)[
+    :CONTENT_CHARS
+]
+USER_TEXT = ("A user message of the bench, always the same length and text. " * 2)[:CONTENT_CHARS]
+
+# Usage reports exactly the service's estimate of a 20-message window, so the per-model
+# correction factor stays at 1 and windows stay at 20 messages.
+COMPLETION = orjson.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "request_id": "00000000-0000-4000-8000-000000000000",
+        "object": "chat.completion",
+        "created": 1764000000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": REPLY_TEXT},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "input_tokens": ARRAY_TOKENS,
+            "output_tokens": MESSAGE_TOKENS,
+            "total_tokens": ARRAY_TOKENS + MESSAGE_TOKENS,
+            "prompt_tokens": ARRAY_TOKENS,
+            "completion_tokens": MESSAGE_TOKENS,
+        },
+    }
+)
+
+
+def nginx_conf(workdir: Path, port: int) -> Path:
+    """A minimal nginx.conf: one worker, no logs, POST /v1/chat/completions -> COMPLETION."""
+    body = COMPLETION.decode()
+    assert "'" not in body and "$" not in body  # literal inside a single-quoted nginx string
+    temp = workdir / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 8192; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    client_body_buffer_size 1m;
+    client_max_body_size 16m;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=8192;
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+def serve_slow(port: int, delay: float) -> None:
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(delay)
+        return web.Response(body=COMPLETION, content_type="application/json")
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/health", health)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, backlog=8192, print=None)
+
+
+if __name__ == "__main__":
+    serve_slow(int(sys.argv[1]), float(sys.argv[2]))

@@ -1,0 +1,347 @@
+"""Turn semantics: serialization, idempotency, fencing, token correction, O(window) reads."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from asgi_lifespan import LifespanManager
+from redis.asyncio import Connection, ConnectionPool, Redis
+
+from service.app import create_app
+from service.auth import Caller
+from service.chat import ChatService, TurnPolicy
+from service.config import Settings
+from service.gateway import GatewayClient
+from service.schemas import TurnCreate
+from service.store import ConversationRef, ConversationStore
+from tests.conftest import CLIENT_KEY, make_settings
+from tests.fake_gateway import FakeGateway, gateway_tokens
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"message": {"role": "user", "content": text}}
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    """Poll a condition with a deadline (never a fixed sleep hoping something finished)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)
+
+
+async def test_concurrent_turns_are_serialized(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    texts = [f"q{i}" for i in range(8)]
+    responses = await asyncio.gather(
+        *(client.post("/conversations/busy/messages", json=user(t)) for t in texts)
+    )
+    assert all(r.status_code == 200 for r in responses)
+    log = (await client.get("/conversations/busy/messages")).json()["messages"]
+    assert len(log) == 16
+    for user_msg, reply in zip(log[::2], log[1::2], strict=True):
+        assert reply["content"] == f"reply to: {user_msg['content']}"
+    assert sorted(m["content"] for m in log[::2]) == texts
+    # Each call saw exactly the log before its own message.
+    for sent in gateway.received:
+        position = next(
+            i for i, m in enumerate(log) if m["content"] == sent["messages"][-1]["content"]
+        )
+        assert [m["content"] for m in sent["messages"][:-1]] == [
+            m["content"] for m in log[:position]
+        ]
+
+
+async def test_waiting_turn_times_out_with_409(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    gateway.hold = asyncio.Event()
+    app = create_app(
+        make_settings(redis_url, lock_wait_seconds=0.2),
+        gateway_transport=httpx.MockTransport(gateway.handle),
+    )
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
+            base_url="http://t",
+            headers={"Authorization": CLIENT_KEY},
+        ) as http,
+    ):
+        first = asyncio.create_task(http.post("/conversations/l/messages", json=user("first")))
+        await wait_for(lambda: gateway.calls == 1)
+        second = await http.post("/conversations/l/messages", json=user("second"))
+        assert second.status_code == 409
+        assert second.headers["retry-after"] == "1"
+        assert second.headers["content-type"] == "application/problem+json"
+        gateway.hold.set()
+        assert (await first).status_code == 200
+    assert await redis.llen("conv:{acme:l}:log") == 2
+
+
+async def test_idempotent_retry_replays_and_stores_nothing_more(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    headers = {"Idempotency-Key": "k-1"}
+    first = await client.post("/conversations/i/messages", json=user("once"), headers=headers)
+    again = await client.post("/conversations/i/messages", json=user("once"), headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert gateway.calls == 1
+    assert await redis.llen("conv:{acme:i}:log") == 2
+    other = await client.post("/conversations/i/messages", json=user("different"), headers=headers)
+    assert other.status_code == 422
+    assert other.headers["content-type"] == "application/problem+json"
+    assert await redis.llen("conv:{acme:i}:log") == 2
+    # Scoped by tenant: the same key from another tenant is another request.
+    beta = await client.post(
+        "/conversations/i/messages",
+        json=user("once"),
+        headers={**headers, "Authorization": "client-key-beta"},
+    )
+    assert beta.status_code == 200
+    assert "idempotent-replayed" not in beta.headers
+
+
+async def test_concurrent_duplicates_make_one_call(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    gateway.hold = asyncio.Event()
+    headers = {"Idempotency-Key": "dup"}
+    tasks = [
+        asyncio.create_task(
+            client.post("/conversations/d/messages", json=user("x"), headers=headers)
+        )
+        for _ in range(10)
+    ]
+    await wait_for(lambda: gateway.calls == 1)
+    gateway.hold.set()
+    responses = await asyncio.gather(*tasks)
+    assert gateway.calls == 1
+    assert sorted(r.status_code for r in responses) == [200] * 10
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 9
+    assert await redis.llen("conv:{acme:d}:log") == 2
+
+
+async def test_failed_idempotent_turn_releases_the_key(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    from tests.fake_gateway import Failure
+
+    gateway.failures = [Failure(400, {"error": {"message": "nope"}})]
+    headers = {"Idempotency-Key": "retry-me"}
+    assert (
+        await client.post("/conversations/f/messages", json=user("a"), headers=headers)
+    ).status_code == 400
+    retried = await client.post("/conversations/f/messages", json=user("a"), headers=headers)
+    assert retried.status_code == 200
+    assert "idempotent-replayed" not in retried.headers
+
+
+async def test_delete_removes_idempotency_records(client: httpx.AsyncClient, redis: Redis) -> None:
+    headers = {"Idempotency-Key": "gone"}
+    await client.post("/conversations/del/messages", json=user("a"), headers=headers)
+    assert (await client.delete("/conversations/del")).status_code == 204
+    assert list(await redis.keys("conv:{acme:del}*")) == []
+    fresh = await client.post("/conversations/del/messages", json=user("a"), headers=headers)
+    assert "idempotent-replayed" not in fresh.headers
+
+
+async def test_a_turn_whose_lease_expired_cannot_write(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """Fencing: once the lease is gone (a stalled replica), the commit is refused."""
+    gateway.hold = asyncio.Event()
+    app = create_app(
+        make_settings(redis_url), gateway_transport=httpx.MockTransport(gateway.handle)
+    )
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
+            base_url="http://t",
+            headers={"Authorization": CLIENT_KEY},
+        ) as http,
+    ):
+        turn = asyncio.create_task(http.post("/conversations/fence/messages", json=user("late")))
+        await wait_for(lambda: gateway.calls == 1)
+        await redis.delete("conv:{acme:fence}:lock")  # the lease ran out; another turn may take it
+        gateway.hold.set()
+        response = await turn
+        assert response.status_code == 409
+    assert await redis.llen("conv:{acme:fence}:log") == 0
+
+
+async def test_gateway_timeout_is_504_and_frees_the_conversation(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    gateway.hold = asyncio.Event()
+    app = create_app(
+        make_settings(redis_url, gateway_timeout_seconds=0.2),
+        gateway_transport=httpx.MockTransport(gateway.handle),
+    )
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
+            base_url="http://t",
+            headers={"Authorization": CLIENT_KEY},
+        ) as http,
+    ):
+        response = await http.post("/conversations/slow/messages", json=user("a"))
+        assert response.status_code == 504
+        assert response.headers["content-type"] == "application/problem+json"
+        assert not await redis.exists("conv:{acme:slow}:lock")
+        gateway.hold.set()
+    assert await redis.llen("conv:{acme:slow}:log") == 0
+
+
+async def test_forwarded_array_fits_the_gateways_own_count(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """The stand-in counts ~1 token per 3 characters (+7 per message); we estimate ~1 per 4
+    (+4). After a few turns the correction keeps the array within budget by its count."""
+    budget = 600
+    app = create_app(
+        make_settings(redis_url, token_budget=budget),
+        gateway_transport=httpx.MockTransport(gateway.handle),
+    )
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app),
+            base_url="http://t",
+            headers={"Authorization": CLIENT_KEY},
+        ) as http,
+    ):
+        for i in range(30):
+            response = await http.post(
+                "/conversations/cal/messages", json=user(f"turn {i}: " + "lorem ipsum dolor " * 8)
+            )
+            assert response.status_code == 200
+        counts = [gateway_tokens(body["messages"]) for body in gateway.received]
+        assert max(counts[5:]) <= budget * 1.05, counts
+        assert counts[-1] > budget * 0.6  # and the budget is still used, not wasted
+        assert response.json()["conversation"]["context"]["dropped_messages"] > 0
+    factor = float(await redis.hget("conv:calibration", "claude-sonnet-4-6") or 0)
+    assert factor > 1.0  # shared through Redis for every replica
+
+
+async def test_a_long_history_is_read_only_as_far_as_the_window(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    ref = ConversationRef("acme", "long")
+    content = "history message " * 12
+    records = [
+        orjson.dumps(
+            {
+                "tokens": 52,
+                "seq": i + 1,
+                "role": "user" if i % 2 == 0 else "assistant",
+                "content": f"{i} {content}",
+                "created_at": 1.0,
+            }
+        )
+        for i in range(10_000)
+    ]
+    await redis.rpush(ref.key("log"), *records)
+    await redis.hset(ref.key("meta"), mapping={"created_at": "1", "updated_at": "1"})
+    stored_bytes = sum(len(r) for r in records)
+    before = int((await redis.info("stats"))["total_net_output_bytes"])
+    response = await client.post("/conversations/long/messages", json=user("and now?"))
+    after = int((await redis.info("stats"))["total_net_output_bytes"])
+    assert response.status_code == 200
+    forwarded = len(gateway.received[0]["messages"])
+    assert 10 < forwarded < 200
+    assert response.json()["conversation"]["context"]["dropped_messages"] == 10_000 - forwarded + 1
+    # Redis sent about the window (and this test's INFO), not the 2 MB history.
+    assert after - before < 60 * forwarded * 4 + 20_000 < stored_bytes / 10
+
+
+async def eventually(probe: Any, *, expect: object, timeout: float = 5.0) -> None:
+    """Poll an async probe until it returns `expect`, with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await probe()) != expect:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still {value!r}, expected {expect!r}")
+        await asyncio.sleep(0.005)
+
+
+class CountingConnection(Connection):
+    """Counts writes to Redis: one per round trip (a pipeline is one write)."""
+
+    writes = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_an_uncontended_turn_costs_two_round_trips(
+    redis_url: str, redis: Redis, gateway: FakeGateway, settings: Settings
+) -> None:
+    pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    counted = Redis.from_pool(pool)
+    store = ConversationStore(
+        counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
+    )
+    await store.load_scripts()
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(gateway.handle), base_url="http://gw/v1/"
+    ) as http:
+        chat = ChatService(
+            store,
+            GatewayClient(
+                http,
+                api_key=settings.gateway_api_key,
+                timeout_seconds=5,
+                max_retries=0,
+                retry_after_cap_seconds=1,
+            ),
+            TurnPolicy(default_model="m", token_budget=4000, lock_wait_seconds=1, lease_seconds=10),
+        )
+        caller = Caller(tenant="acme", upstream_key=None)
+        ref = ConversationRef("acme", "rt")
+        for i, key in enumerate((None, "idem-1")):
+            CountingConnection.writes = 0
+            result = await chat.turn(
+                ref,
+                TurnCreate.model_validate(user(f"q{i}")),
+                caller=caller,
+                request_id="r",
+                idempotency_key=key,
+            )
+            assert not result.replayed
+            assert CountingConnection.writes == 2
+    await counted.aclose()
+    assert await redis.llen(ref.key("log")) == 4
+
+
+@pytest.mark.parametrize("stored_roles", [["user", "assistant"], []])
+async def test_tool_results_continue_the_open_turn(
+    client: httpx.AsyncClient, gateway: FakeGateway, stored_roles: list[str]
+) -> None:
+    for role in stored_roles:
+        assert role in ("user", "assistant")
+    if stored_roles:
+        await client.post("/conversations/tc/messages", json=user("earlier"))
+    gateway.tool_calls = [
+        {"id": "c9", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    ]
+    await client.post("/conversations/tc/messages", json=user("look it up"))
+    gateway.tool_calls = None
+    response = await client.post(
+        "/conversations/tc/messages",
+        json={"message": {"role": "tool", "tool_call_id": "c9", "content": "found"}},
+    )
+    assert response.status_code == 200
+    roles = [m["role"] for m in gateway.received[-1]["messages"]]
+    assert roles[-3:] == ["user", "assistant", "tool"]

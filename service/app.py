@@ -112,6 +112,7 @@ def create_app(
                 token_budget=cfg.token_budget,
                 lock_wait_seconds=cfg.lock_wait_seconds,
                 lease_seconds=cfg.lock_ttl_seconds,
+                turn_seconds=cfg.gateway_timeout_seconds,
             )
             log.info(
                 "started",

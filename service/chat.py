@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import time
 import uuid
@@ -22,6 +23,7 @@ from service.auth import Caller
 from service.errors import (
     ConversationBusy,
     GatewayError,
+    GatewayTimeout,
     IdempotencyKeyReused,
     IdempotentRequestInFlight,
     OverTokenBudget,
@@ -60,6 +62,7 @@ class TurnPolicy:
     token_budget: int
     lock_wait_seconds: float
     lease_seconds: float
+    turn_seconds: float = 120.0  # the gateway's time limit: no turn holds its lease longer
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +164,12 @@ class ChatService:
                     yield event
             else:
                 assembler = StreamAssembler()
+                deadline = upstream.started + self._policy.turn_seconds
                 async for data in upstream.data_lines():
                     if data == "[DONE]":
                         break
+                    if time.perf_counter() > deadline:
+                        raise GatewayTimeout(f"the stream ran past {self._policy.turn_seconds:g} s")
                     assembler.add(orjson.loads(data))
                     yield b"data: " + data.encode() + b"\n\n"
                 completion = assembler.completion()
@@ -318,9 +324,14 @@ class ChatService:
             pause = min(pause * 2, 0.25)
 
     async def _renew(self, ref: ConversationRef, lock_value: str, lease_ms: int) -> None:
-        """Keep the lease while the gateway works; a lost lease is caught at commit (fencing)."""
-        while True:
-            await asyncio.sleep(lease_ms / 3000)
+        """Keep the lease while the gateway works; a lost lease is caught at commit (fencing).
+
+        Renewal stops after the turn's time limit (plus a lease for the commit), so a turn whose
+        cleanup never ran (a stream the server never started) cannot hold its conversation forever.
+        """
+        interval = lease_ms / 3000
+        for _ in range(math.ceil((self._policy.turn_seconds + lease_ms / 1000) / interval)):
+            await asyncio.sleep(interval)
             try:
                 if not await self._store.renew(ref, lock_value, lease_ms):
                     return

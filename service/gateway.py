@@ -236,9 +236,8 @@ class GatewayClient:
                 raise
             except httpx.TransportError as exc:
                 if attempt >= self._max_retries:
-                    raise GatewayError(
-                        f"the gateway is unreachable ({type(exc).__name__})"
-                    ) from exc
+                    # No exception name: aiohttp's errors arrive under misleading httpx names.
+                    raise GatewayError("the gateway is unreachable (connection failed)") from exc
                 await self._backoff(attempt, None)
                 attempt += 1
                 continue

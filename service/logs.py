@@ -14,7 +14,11 @@ import orjson
 _request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
 
 # LogRecord attributes that are not "extra" fields given by the caller.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
+}
 
 
 def annotate(**fields: Any) -> None:
@@ -60,3 +64,5 @@ def configure_logging(level: str) -> None:
         logger.handlers = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every upstream call at INFO with its full URL: our access line covers it.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

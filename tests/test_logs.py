@@ -3,6 +3,7 @@ message content ever reaches a log line (or a secret a response)."""
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.config import Settings
-from service.logs import configure_logging
+from service.logs import JsonFormatter, configure_logging
 from service.middleware import tenant_hash
 from tests.conftest import GATEWAY_KEY, make_settings
 from tests.fake_gateway import Failure, FakeGateway
@@ -28,8 +29,9 @@ TURN_ROUTE = "/conversations/{conversation_id}/messages"
 
 
 @pytest.fixture
-def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
-    """The service's own logging set-up (JSON lines on stderr), undone after the test."""
+def json_logs() -> Iterator[io.StringIO]:
+    """The service's own logging set-up (JSON lines on stderr), its stream swapped for a buffer
+    so that every line is seen; undone after the test."""
     root = logging.getLogger()
     saved_root = (root.handlers[:], root.level)
     saved = {
@@ -38,7 +40,12 @@ def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixt
     }
     access_disabled = logging.getLogger("uvicorn.access").disabled
     configure_logging("info")
-    yield capsys
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    assert isinstance(handler.formatter, JsonFormatter)
+    buffer = io.StringIO()
+    handler.setStream(buffer)
+    yield buffer
     root.handlers, root.level = saved_root[0], saved_root[1]
     for name, (handlers, propagate) in saved.items():
         logging.getLogger(name).handlers = handlers
@@ -69,9 +76,8 @@ async def serve(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx
         yield http
 
 
-def parse_lines(captured: pytest.CaptureFixture[str]) -> tuple[str, list[dict[str, Any]]]:
-    text = captured.readouterr().err
-    open("/tmp/logdump.txt", "w").write(text)
+def parse_lines(buffer: io.StringIO) -> tuple[str, list[dict[str, Any]]]:
+    text = buffer.getvalue()
     lines = [line for line in text.splitlines() if line.strip()]
     assert lines, "the service wrote no log line"
     entries = []
@@ -104,7 +110,7 @@ def user(content: str) -> dict[str, Any]:
 
 
 async def test_turn_access_line(
-    json_logs: pytest.CaptureFixture[str], log_settings: Settings, gateway: FakeGateway
+    json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
 ) -> None:
     async with serve(log_settings, gateway) as client:
         first = await client.post(
@@ -128,6 +134,8 @@ async def test_turn_access_line(
     messages = [e["msg"] for e in entries]
     assert "started" in messages
     assert messages[-1] == "stopping"
+    assert not [e for e in entries if e["logger"] == "httpx"]  # upstream URLs stay out
+    assert "gateway.test" not in text
     started = entries[messages.index("started")]
     assert (started["mode"], started["cluster"]) == ("client-keys", False)
 
@@ -154,7 +162,7 @@ async def test_turn_access_line(
 
 
 async def test_failed_turns_log_without_secrets(
-    json_logs: pytest.CaptureFixture[str], log_settings: Settings, gateway: FakeGateway
+    json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
 ) -> None:
     gateway.failures = [Failure(500, {"error": {"code": 500, "message": "upstream exploded"}})]
     async with serve(log_settings, gateway) as client:
@@ -195,7 +203,7 @@ async def test_failed_turns_log_without_secrets(
 
 
 async def test_streamed_turn_access_line(
-    json_logs: pytest.CaptureFixture[str], log_settings: Settings, gateway: FakeGateway
+    json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
 ) -> None:
     async with serve(log_settings, gateway) as client:
         streamed = await client.post(

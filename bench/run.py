@@ -1,0 +1,508 @@
+"""`python -m bench`: start Redis, the upstreams and the service, measure, stop, print one table.
+
+Layout: the service (and, for the baseline, LiteLLM's proxy) runs alone on core 0; wrk, nginx,
+the slow upstream and Redis share core 1. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis import Redis
+
+from bench import litellm, upstreams
+from bench.procs import (
+    LOAD_CORE,
+    SERVICE_CORE,
+    Proc,
+    ensure_tools,
+    free_port,
+    machine,
+    pinned,
+    raise_nofile,
+    wait_http,
+    wait_port,
+)
+from bench.seed import seed
+from bench.upstreams import MODEL, TOKEN_BUDGET, USER_TEXT, WINDOW_MESSAGES
+from bench.wrk import WrkResult, post_script, run_wrk, turn_script
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TENANT = "bench"
+CLIENT_KEY = "bench-client-key-0123456789"
+UPSTREAM_KEY = "bench-upstream-key"
+POOL = 4000  # conversations for the 20-message runs (round-robin: never two turns at once)
+HISTORY_SMALL, HISTORY_LARGE = 10, 10_000
+SLOW_DELAY = 0.5
+
+
+@dataclass
+class Row:
+    figure: str
+    target: str
+    service: str = "not measured"
+    passed: bool | None = None
+    litellm: str = ""
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    redis_port: int = 0
+    nginx_port: int = 0
+    redis: Redis | None = None
+    procs: list[Proc] = field(default_factory=list)
+    rows: dict[str, Row] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def start(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def start_redis(self) -> None:
+        self.redis_port = free_port()
+        argv = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no", "--maxclients", "10000"]
+        argv += ["--dir", str(self.workdir)]
+        proc = self.start(Proc("redis", pinned(LOAD_CORE, argv), log_dir=self.workdir))
+        wait_port(proc, self.redis_port, timeout=10)
+        self.redis = Redis(port=self.redis_port)
+
+    def start_nginx(self) -> None:
+        self.nginx_port = free_port()
+        conf = upstreams.nginx_conf(self.workdir, self.nginx_port)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        argv = [nginx, "-p", str(self.workdir), "-c", str(conf)]
+        argv += ["-e", str(self.workdir / "nginx-error.log")]
+        proc = self.start(Proc("nginx", pinned(LOAD_CORE, argv), log_dir=self.workdir))
+        wait_port(proc, self.nginx_port, timeout=10)
+
+    def start_slow_upstream(self) -> int:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.upstreams", str(port), str(SLOW_DELAY)]
+        proc = Proc("slow-upstream", pinned(LOAD_CORE, argv), log_dir=self.workdir, cwd=ROOT)
+        self.start(proc)
+        wait_http(proc, port, "/health", timeout=20)
+        return port
+
+    def start_service(self, upstream_port: int, name: str) -> tuple[Proc, int]:
+        port = free_port()
+        env = {
+            **os.environ,
+            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "GATEWAY_URL": f"http://127.0.0.1:{upstream_port}/v1",
+            "GATEWAY_API_KEY": UPSTREAM_KEY,
+            "API_KEYS": f"{TENANT}:{CLIENT_KEY}",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WORKERS": "1",
+            "LOG_LEVEL": self.args.log_level,
+            "TOKEN_BUDGET": str(TOKEN_BUDGET),
+            "DEFAULT_MODEL": MODEL,
+        }
+        argv = pinned(SERVICE_CORE, [sys.executable, "-m", "service"])
+        proc = self.start(Proc(name, argv, log_dir=self.workdir, env=env, cwd=ROOT))
+        wait_http(proc, port, "/readyz", timeout=30)
+        return proc, port
+
+    # ---- load ------------------------------------------------------------------------------
+
+    def script(self, name: str, prefix: str, conversations: int, model: str = MODEL) -> Path:
+        body = orjson.dumps({"model": model, "message": {"role": "user", "content": USER_TEXT}})
+        return turn_script(
+            self.workdir / f"{name}.lua",
+            key=CLIENT_KEY,
+            prefix=prefix,
+            conversations=conversations,
+            body=body,
+        )
+
+    def direct_script(self, name: str, headers: dict[str, str]) -> Path:
+        """The array the service forwards for a 20-message window: same size, same shape."""
+        history = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": text}
+            for i, text in enumerate(
+                [USER_TEXT, upstreams.REPLY_TEXT] * (WINDOW_MESSAGES // 2) + [USER_TEXT]
+            )
+        ]
+        body = orjson.dumps({"model": MODEL, "messages": history})
+        return post_script(
+            self.workdir / f"{name}.lua",
+            url_path="/v1/chat/completions",
+            body=body,
+            headers=headers,
+        )
+
+    def wrk(self, port: int, script: Path, connections: int, seconds: float) -> WrkResult:
+        result = run_wrk(port, script, connections=connections, seconds=seconds)
+        print(
+            f"  wrk c={connections} {script.stem}: {result.ok_per_second:,.0f}/s "
+            f"p50 {result.p50_ms:.3f} ms p99 {result.p99_ms:.3f} ms, {result.detail}",
+            flush=True,
+        )
+        return result
+
+    def interleaved(
+        self, runs: dict[str, Callable[[], WrkResult]], rounds: int
+    ) -> dict[str, tuple[float, float, int]]:
+        """Each run once per round, alternating; (median p50, median p99, errors) per run."""
+        got: dict[str, list[WrkResult]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                got[name].append(run())
+        return {
+            name: (
+                statistics.median(r.p50_ms for r in results),
+                statistics.median(r.p99_ms for r in results),
+                sum(r.errors for r in results),
+            )
+            for name, results in got.items()
+        }
+
+    # ---- phases ----------------------------------------------------------------------------
+
+    def seed_all(self) -> None:
+        assert self.redis is not None
+        print("seeding conversations ...", flush=True)
+        seed(self.redis, TENANT, "t", POOL, WINDOW_MESSAGES)
+        seed(self.redis, TENANT, "s", 2000, HISTORY_SMALL)
+        # Memory per message: Redis's used_memory grows by the JSON plus this much per message.
+        self.redis.execute_command("MEMORY", "PURGE")
+        before = int(self.redis.info("memory")["used_memory"])
+        count = 4
+        json_bytes = seed(self.redis, TENANT, "l", count, HISTORY_LARGE)
+        after = int(self.redis.info("memory")["used_memory"])
+        messages = count * HISTORY_LARGE
+        per_message = (after - before - json_bytes) / messages
+        usage = sum(
+            int(self.redis.memory_usage(f"conv:{{{TENANT}:l{n}}}:log", samples=0) or 0)
+            for n in range(count)
+        )
+        self.raw["memory"] = {
+            "messages": messages,
+            "json_bytes": json_bytes,
+            "used_memory_delta": after - before,
+            "memory_usage_logs": usage,
+        }
+        self.rows["memory"] = Row(
+            "Redis memory: bytes per stored message beyond its JSON",
+            "<= 100",
+            f"{per_message:.1f} B (JSON {json_bytes / messages:.0f} B/message; "
+            f"MEMORY USAGE of the lists: {(usage - json_bytes) / messages:.1f} B)",
+            per_message <= 100,
+            "n/a (stateless)",
+        )
+
+    def latency(self, port: int) -> None:
+        print("added latency, 1 connection (direct and through the service, interleaved)")
+        direct = self.direct_script("direct", {"Authorization": UPSTREAM_KEY})
+        via = self.script("latency", "t", POOL)
+        figures = self.interleaved(
+            {
+                "direct": lambda: self.wrk(self.nginx_port, direct, 1, self.args.short),
+                "service": lambda: self.wrk(port, via, 1, self.args.short),
+            },
+            self.args.rounds,
+        )
+        d50, d99, derr = figures["direct"]
+        s50, s99, serr = figures["service"]
+        self.raw["latency"] = figures
+        added50, added99 = s50 - d50, s99 - d99
+        self.rows["latency"] = Row(
+            "Added latency, 1 connection (p50 / p99)",
+            "p50 <= 1.0 ms, p99 <= 2.5 ms",
+            f"+{added50:.3f} / +{added99:.3f} ms (direct {d50:.3f} / {d99:.3f}, "
+            f"through {s50:.3f} / {s99:.3f}; errors {derr + serr})",
+            added50 <= 1.0 and added99 <= 2.5 and derr + serr == 0,
+        )
+
+    def round_trips(self, port: int, turns: int = 300) -> None:
+        """Sequential, uncontended turns; Redis counts its read events and commands."""
+        assert self.redis is not None
+        print(f"redis round trips: {turns} sequential turns", flush=True)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        body = orjson.dumps({"model": MODEL, "message": {"role": "user", "content": USER_TEXT}})
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+
+        def post(n: int) -> int:
+            conn.request("POST", f"/conversations/t{n}/messages", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+
+        post(0)  # the connection is open, the pool warm
+        stats0 = self.redis.info("stats")
+        cmds0 = self.redis.info("commandstats")
+        statuses = [post(n) for n in range(1, turns + 1)]
+        stats1 = self.redis.info("stats")
+        cmds1 = self.redis.info("commandstats")
+        conn.close()
+        own = 2  # this bench's INFO commandstats and second INFO stats between the snapshots
+        reads = int(stats1["total_reads_processed"]) - int(stats0["total_reads_processed"]) - own
+        calls = {
+            name.removeprefix("cmdstat_"): (
+                int(cmds1[name]["calls"]) - int(cmds0.get(name, {"calls": 0})["calls"])
+            )
+            for name in cmds1
+            if name != "cmdstat_info"
+        }
+        calls = {k: v for k, v in calls.items() if v}
+        per_turn = reads / turns
+        failed = sum(1 for s in statuses if s != 200)
+        scripts = (calls.get("evalsha", 0) + calls.get("eval", 0)) / turns
+        top_level = scripts + sum(
+            v for k, v in calls.items() if k in ("hgetall", "hset") and k != "evalsha"
+        )
+        del top_level  # commands inside scripts count too: the read events are the round trips
+        listed = ", ".join(f"{k} {v / turns:.2f}" for k, v in sorted(calls.items()))
+        self.raw["round_trips"] = {"turns": turns, "reads": reads, "calls": calls}
+        self.rows["round_trips"] = Row(
+            "Redis round trips per uncontended turn",
+            "<= 2",
+            f"{per_turn:.2f} (read events/turn; scripts/turn {scripts:.2f}; commands/turn "
+            f"incl. inside Lua: {listed}; non-200: {failed})",
+            per_turn <= 2.0 + 0.05 and failed == 0,
+            "n/a (stateless)",
+        )
+
+    def history(self, port: int) -> None:
+        print(f"history independence: {HISTORY_SMALL} vs {HISTORY_LARGE:,} stored, 1 connection")
+        # Its own model name: the short arrays would otherwise move the main model's correction.
+        small = self.script("history-small", "s", 2000, model=f"{MODEL}-short")
+        large = self.script("history-large", "l", 4)
+        figures = self.interleaved(
+            {
+                "small": lambda: self.wrk(port, small, 1, self.args.short),
+                "large": lambda: self.wrk(port, large, 1, self.args.short),
+            },
+            max(2, self.args.rounds - 2),
+        )
+        self.raw["history"] = figures
+        diff = figures["large"][0] - figures["small"][0]
+        errors = figures["large"][2] + figures["small"][2]
+        self.rows["history"] = Row(
+            "History independence: p50 at 10,000 stored minus at 10",
+            "<= 0.5 ms",
+            f"{diff:+.3f} ms (p50 {figures['small'][0]:.3f} vs {figures['large'][0]:.3f} ms; "
+            f"errors {errors})",
+            diff <= 0.5 and errors == 0,
+            "n/a (stateless)",
+        )
+
+    def throughput(self, port: int, key: str, script: Path, label: str) -> WrkResult:
+        print(f"throughput, 32 connections: {label}", flush=True)
+        self.wrk(port, script, 32, 2)  # warm-up
+        result = self.wrk(port, script, 32, self.args.long)
+        self.raw[key] = result.__dict__ | {"per_second": result.ok_per_second}
+        return result
+
+    def in_flight(self) -> None:
+        print(f"in flight: 500 connections, upstream answering after {SLOW_DELAY * 1000:g} ms")
+        slow_port = self.start_slow_upstream()
+        proc, port = self.start_service(slow_port, "service-slow")
+        try:
+            script = self.script("inflight", "t", POOL)
+            self.wrk(port, script, 500, 3)  # warm-up: opens the upstream connections
+            result = self.wrk(port, script, 500, self.args.long)
+        finally:
+            self.stop(proc)
+        self.raw["in_flight"] = result.__dict__ | {"per_second": result.ok_per_second}
+        self.rows["in_flight"] = Row(
+            "In flight: 500 connections, upstream waits 500 ms",
+            "0 errors, >= 900 turns/s",
+            f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
+            f"{result.p99_ms:.1f} ms, {result.detail}",
+            result.errors == 0 and result.ok_per_second >= 900,
+            "n/a",
+        )
+
+    def profile(self, port: int, pid: int) -> None:
+        """py-spy on the service under the 32-connection load: an SVG and collapsed stacks."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not Path(spy).exists():
+            print("  py-spy is not installed: pip install py-spy")
+            return
+        script = self.script("profile", "t", POOL)
+        RESULTS.mkdir(exist_ok=True)
+        for fmt, out in (("flamegraph", "profile.svg"), ("raw", "profile.collapsed")):
+            seconds = self.args.long
+            argv = [spy, "record", "--pid", str(pid), "-d", str(int(seconds)), "-r", "250"]
+            argv += ["--format", fmt, "-o", str(RESULTS / out), "--nonblocking"]
+            spying = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            result = self.wrk(port, script, 32, seconds)
+            spying.wait(30)
+            print(f"  profile ({fmt}) under {result.ok_per_second:,.0f} turns/s -> results/{out}")
+
+    def baseline(self) -> None:
+        """LiteLLM's proxy on the same nginx upstream, core 0: latency and throughput."""
+        print("LiteLLM proxy baseline", flush=True)
+        try:
+            proc, port = litellm.start(self.workdir, self.nginx_port)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()
+            why = f"not run: {reason[0][:120] if reason else type(exc).__name__}"
+            for key in ("latency", "throughput"):
+                if key in self.rows:
+                    self.rows[key].litellm = why
+            return
+        self.procs.append(proc)
+        try:
+            auth = {"Authorization": f"Bearer {litellm.MASTER_KEY}"}
+            direct = self.direct_script("direct", {"Authorization": UPSTREAM_KEY})
+            via = self.direct_script("litellm", auth)
+            self.wrk(port, via, 32, 2)  # warm-up
+            figures = self.interleaved(
+                {
+                    "direct": lambda: self.wrk(self.nginx_port, direct, 1, self.args.short),
+                    "litellm": lambda: self.wrk(port, via, 1, self.args.short),
+                },
+                self.args.rounds,
+            )
+            d50, d99, _ = figures["direct"]
+            l50, l99, lerr = figures["litellm"]
+            self.raw["litellm_latency"] = figures
+            self.rows["latency"].litellm = (
+                f"+{l50 - d50:.3f} / +{l99 - d99:.3f} ms (through {l50:.3f} / {l99:.3f}; "
+                f"errors {lerr})"
+            )
+            result = self.throughput(port, "litellm_throughput", via, "LiteLLM")
+            self.rows["throughput"].litellm = (
+                f"{result.ok_per_second:,.0f} req/s, p50 {result.p50_ms:.1f} / p99 "
+                f"{result.p99_ms:.1f} ms, {result.detail}"
+            )
+        finally:
+            self.stop(proc)
+
+    def run(self) -> None:
+        self.start_redis()
+        self.start_nginx()
+        self.seed_all()
+        proc, port = self.start_service(self.nginx_port, "service")
+        try:
+            self.wrk(port, self.script("warmup", "t", POOL), 32, 2)
+            self.latency(port)
+            self.round_trips(port)
+            self.history(port)
+            script = self.script("throughput", "t", POOL)
+            result = self.throughput(port, "throughput", script, "the service")
+            self.rows["throughput"] = Row(
+                "Throughput, 32 connections, 20-message windows, 1 worker",
+                ">= 1,500 turns/s, 0 errors",
+                f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
+                f"{result.p99_ms:.1f} ms, {result.detail}",
+                result.ok_per_second >= 1500 and result.errors == 0,
+            )
+            if self.args.profile:
+                self.profile(port, proc.pid)
+        finally:
+            self.stop(proc)
+        self.in_flight()
+        if not self.args.no_litellm:
+            self.baseline()
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+
+ORDER = ("latency", "throughput", "history", "in_flight", "round_trips", "memory")
+
+
+def table(rows: dict[str, Row], info: dict[str, str]) -> str:
+    head = (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['kernel']}, {info['python']}; "
+        f"pinned: {info['taskset']} (service on core {SERVICE_CORE}; wrk, nginx, Redis on "
+        f"core {LOAD_CORE})"
+    )
+    lines = [
+        head,
+        "",
+        "| figure | target | service | ok | LiteLLM proxy (same upstream) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key in ORDER:
+        row = rows.get(key)
+        if row is None:
+            continue
+        ok = "yes" if row.passed else "no" if row.passed is not None else "?"
+        lines.append(f"| {row.figure} | {row.target} | {row.service} | {ok} | {row.litellm} |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"logs kept in {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--short", type=float, default=2.0, help="seconds of each 1-conn run")
+    parser.add_argument("--long", type=float, default=10.0, help="seconds of throughput runs")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per latency")
+    parser.add_argument("--log-level", default="info", help="the service's LOG_LEVEL")
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM baseline")
+    parser.add_argument("--profile", action="store_true", help="py-spy the 32-connection load")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    missing = ensure_tools({"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"})
+    if missing:
+        print(f"missing tools: run `sudo apt-get install -y {' '.join(missing)}` and retry")
+        return 2
+    raise_nofile()
+    started = time.monotonic()
+    with _workdir(args.keep) as workdir:
+        bench = Bench(args, workdir)
+        failure = None
+        try:
+            bench.run()
+        except Exception as exc:  # print what was measured, and why the rest was not
+            failure = f"{type(exc).__name__}: {exc}"
+            print(f"bench stopped early: {failure}", file=sys.stderr)
+            args.keep = True
+        finally:
+            bench.close()
+    text = table(bench.rows, info)
+    took = time.monotonic() - started
+    print(f"\n{text}\n\n(bench took {took:.0f} s)")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (RESULTS / f"bench-{stamp}.md").write_text(text + "\n")
+    record = {"machine": info, "rows": {k: r.__dict__ for k, r in bench.rows.items()}}
+    (RESULTS / f"bench-{stamp}.json").write_bytes(
+        orjson.dumps(record | {"raw": bench.raw, "failure": failure}, option=orjson.OPT_INDENT_2)
+    )
+    return 1 if failure else 0

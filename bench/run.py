@@ -7,7 +7,6 @@ the slow upstream and Redis share core 1. See bench/README.md for what each figu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import os
 import shutil
@@ -16,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -274,10 +273,6 @@ class Bench:
         per_turn = reads / turns
         failed = sum(1 for s in statuses if s != 200)
         scripts = (calls.get("evalsha", 0) + calls.get("eval", 0)) / turns
-        top_level = scripts + sum(
-            v for k, v in calls.items() if k in ("hgetall", "hset") and k != "evalsha"
-        )
-        del top_level  # commands inside scripts count too: the read events are the round trips
         listed = ", ".join(f"{k} {v / turns:.2f}" for k, v in sorted(calls.items()))
         self.raw["round_trips"] = {"turns": turns, "reads": reads, "calls": calls}
         self.rows["round_trips"] = Row(
@@ -317,7 +312,7 @@ class Bench:
         print(f"throughput, 32 connections: {label}", flush=True)
         self.wrk(port, script, 32, 2)  # warm-up
         result = self.wrk(port, script, 32, self.args.long)
-        self.raw[key] = result.__dict__ | {"per_second": result.ok_per_second}
+        self.raw[key] = asdict(result) | {"per_second": result.ok_per_second}
         return result
 
     def in_flight(self) -> None:
@@ -330,7 +325,7 @@ class Bench:
             result = self.wrk(port, script, 500, self.args.long)
         finally:
             self.stop(proc)
-        self.raw["in_flight"] = result.__dict__ | {"per_second": result.ok_per_second}
+        self.raw["in_flight"] = asdict(result) | {"per_second": result.ok_per_second}
         self.rows["in_flight"] = Row(
             "In flight: 500 connections, upstream waits 500 ms",
             "0 errors, >= 900 turns/s",
@@ -454,18 +449,6 @@ def table(rows: dict[str, Row], info: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _workdir(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="bench-"))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"logs kept in {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--short", type=float, default=2.0, help="seconds of each 1-conn run")
@@ -484,17 +467,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     raise_nofile()
     started = time.monotonic()
-    with _workdir(args.keep) as workdir:
-        bench = Bench(args, workdir)
-        failure = None
-        try:
-            bench.run()
-        except Exception as exc:  # print what was measured, and why the rest was not
-            failure = f"{type(exc).__name__}: {exc}"
-            print(f"bench stopped early: {failure}", file=sys.stderr)
-            args.keep = True
-        finally:
-            bench.close()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    bench = Bench(args, workdir)
+    failure = None
+    try:
+        bench.run()
+    except Exception as exc:  # print what was measured, and why the rest was not
+        failure = f"{type(exc).__name__}: {exc}"
+        print(f"bench stopped early: {failure}", file=sys.stderr)
+    finally:
+        bench.close()
+        if args.keep or failure:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     text = table(bench.rows, info)
     took = time.monotonic() - started
     print(f"\n{text}\n\n(bench took {took:.0f} s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 from redis import Redis
 
 from bench.upstreams import REPLY_TEXT, USER_TEXT

@@ -22,9 +22,7 @@ ARRAY_TOKENS = 3 + MESSAGE_TOKENS * (WINDOW_MESSAGES + 1)
 TOKEN_BUDGET = ARRAY_TOKENS + MESSAGE_TOKENS // 2
 MODEL = "bench-model"
 
-REPLY_TEXT = ("The bench upstream answers every request with this same reply. " * 2)[
-    :CONTENT_CHARS
-]
+REPLY_TEXT = ("The bench upstream answers every request with this same reply. " * 2)[:CONTENT_CHARS]
 USER_TEXT = ("A user message of the bench, always the same length and text. " * 2)[:CONTENT_CHARS]
 
 # Usage reports exactly the service's estimate of a 20-message window, so the per-model
@@ -57,7 +55,9 @@ COMPLETION = orjson.dumps(
 def nginx_conf(workdir: Path, port: int) -> Path:
     """A minimal nginx.conf: one worker, no logs, POST /v1/chat/completions -> COMPLETION."""
     body = COMPLETION.decode()
-    assert "'" not in body and "$" not in body  # literal inside a single-quoted nginx string
+    # A literal inside a single-quoted nginx string: no quote, no variable.
+    assert "'" not in body
+    assert "$" not in body
     temp = workdir / "nginx-temp"
     temp.mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"

@@ -68,7 +68,9 @@ end
 
 def post_script(path: Path, *, url_path: str, body: bytes, headers: dict[str, str]) -> Path:
     """POST the same body to one path (a stateless endpoint)."""
-    lines = "\n".join(f"wrk.headers[{lua_literal(k)}] = {lua_literal(v)}" for k, v in headers.items())
+    lines = "\n".join(
+        f"wrk.headers[{lua_literal(k)}] = {lua_literal(v)}" for k, v in headers.items()
+    )
     path.write_text(
         f"""
 wrk.method = "POST"
@@ -101,7 +103,9 @@ def run_wrk(
     out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 60)
     line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
     if line is None:
-        raise RuntimeError(f"wrk gave no figures (exit {out.returncode}):\n{out.stdout}{out.stderr}")
+        raise RuntimeError(
+            f"wrk gave no figures (exit {out.returncode}):\n{out.stdout}{out.stderr}"
+        )
     data = orjson.loads(line[6:])
     errors = data["connect"] + data["read"] + data["write"] + data["status"] + data["timeout"]
     detail = ", ".join(

@@ -22,7 +22,13 @@ from typing import Any, Literal, TypeVar
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import RedisError as _RedisError
 
 from service import redis_scripts
@@ -169,6 +175,11 @@ class ConversationStore:
                 return await run()
         except (ConnectionError, TimeoutError, OSError) as exc:
             raise StoreUnavailable("Redis is unreachable", headers={"Retry-After": "1"}) from exc
+        except (ClusterDownError, TryAgainError, RedisClusterException) as exc:
+            # A Cluster that cannot be reached, is failing over or is moving slots: transient.
+            raise StoreUnavailable(
+                f"Redis Cluster unavailable ({type(exc).__name__})", headers={"Retry-After": "1"}
+            ) from exc
         except ResponseError:
             raise
         except _RedisError as exc:

@@ -255,7 +255,7 @@ async def test_a_replica_killed_mid_turn_holds_nothing_past_its_lease(
         stored = await stored_messages(http, replicas[2], conversation_id)
 
     assert response.status_code == 200, response.text
-    assert elapsed < E2E_LOCK_TTL_SECONDS + 2.0
+    assert elapsed < E2E_LOCK_TTL_SECONDS + 3.0  # lease expiry, not the 10 s wait limit
     assert response.json()["conversation"]["message_count"] == 2
     assert pairs(stored) == [
         ("user", "after the crash"),

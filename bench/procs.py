@@ -151,6 +151,24 @@ def machine() -> dict[str, str]:
     }
 
 
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU in use by anything (before the bench starts: other people's load)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    busy = 1 - (idle1 - idle0) / max(1, total1 - total0)
+    return busy * (os.cpu_count() or 1)
+
+
 def raise_nofile() -> None:
     """Children inherit the limit: 500 connections each way need more than 1024 descriptors."""
     import resource

@@ -28,6 +28,7 @@ from bench.procs import (
     LOAD_CORE,
     SERVICE_CORE,
     Proc,
+    busy_cores,
     ensure_tools,
     free_port,
     machine,
@@ -432,7 +433,7 @@ def table(rows: dict[str, Row], info: dict[str, str]) -> str:
     head = (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['kernel']}, {info['python']}; "
         f"pinned: {info['taskset']} (service on core {SERVICE_CORE}; wrk, nginx, Redis on "
-        f"core {LOAD_CORE})"
+        f"core {LOAD_CORE}); cores busy before start: {info.get('background', '?')}"
     )
     lines = [
         head,
@@ -461,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     info = machine()
+    info["background"] = f"{busy_cores():.2f}"
+    if float(info["background"]) > 0.2:
+        print(f"warning: {info['background']} cores already busy: the figures will be low")
     missing = ensure_tools({"wrk": "wrk", "nginx": "nginx", "redis-server": "redis-server"})
     if missing:
         print(f"missing tools: run `sudo apt-get install -y {' '.join(missing)}` and retry")

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,15 @@ class GatewayProcess(ManagedProcess):
         return f"{self.url}/v1"
 
 
+def stop_all(processes: Iterable[ManagedProcess], timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+    """SIGTERM every process first, then wait for each: they drain side by side."""
+    running = list(processes)
+    for process in running:
+        process.terminate()
+    for process in running:
+        process.stop(timeout)
+
+
 def _spawn(
     name: str, args: list[str], port: int, log_dir: Path, env: Mapping[str, str]
 ) -> subprocess.Popen[bytes]:
@@ -263,8 +272,7 @@ def replicas(
         3, redis_url, gateway_process.base_url, log_dir=tmp_path_factory.mktemp("e2e-logs")
     )
     yield started
-    for replica in started:
-        replica.stop()
+    stop_all(started)
 
 
 @pytest.fixture

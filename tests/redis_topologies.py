@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -168,6 +169,36 @@ class LocalCluster:
     def primaries(self) -> list[redis.Redis]:
         return [node.client() for node in self.nodes]
 
+    def owner(self, slot: int, *, seen_by: int = 0) -> int:
+        """The index in `nodes` of the primary serving `slot`, as nodes[seen_by] sees it."""
+        with self.nodes[seen_by].client() as conn:
+            rows = conn.execute_command("CLUSTER", "SLOTS")
+        (port,) = {int(row[2][1]) for row in rows if int(row[0]) <= slot <= int(row[1])}
+        (index,) = [i for i, node in enumerate(self.nodes) if node.port == port]
+        return index
+
+    def move_slot(self, slot: int, target: int) -> None:
+        """Reshard one slot, keys and all, to nodes[target] (as `redis-cli --cluster reshard`)."""
+        source = self.owner(slot)
+        ids = []
+        for node in self.nodes:
+            with node.client() as conn:
+                ids.append(_text(conn.execute_command("CLUSTER", "MYID")))
+        with self.nodes[target].client() as to, self.nodes[source].client() as src:
+            to.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", self.nodes[target].port, "", 0, 5000, "KEYS", *keys
+                )
+        for index in (target, source, *range(self.size)):
+            with self.nodes[index].client() as conn:
+                conn.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        wait_for(
+            lambda: all(self.owner(slot, seen_by=i) == target for i in range(self.size)),
+            "every node to agree on the moved slot",
+        )
+
     def flushall(self) -> None:
         for node in self.nodes:
             with node.client() as conn:
@@ -179,12 +210,16 @@ class LocalCluster:
 
 
 class LocalSentinel:
-    """One primary and one Sentinel monitoring it with quorum 1."""
+    """One primary (plus optional replicas) and one Sentinel monitoring it with quorum 1."""
 
-    def __init__(self, directory: Path, master_name: str = SENTINEL_MASTER) -> None:
+    def __init__(
+        self, directory: Path, master_name: str = SENTINEL_MASTER, *, replicas: int = 0
+    ) -> None:
         self.directory = directory
         self.master_name = master_name
+        self.replica_count = replicas
         self.master: _Server | None = None
+        self.replicas: list[_Server] = []
         self.sentinel: _Server | None = None
 
     @property
@@ -196,32 +231,87 @@ class LocalSentinel:
         try:
             self.master = _Server(self.directory / "master", free_port(), [])
             self.master.wait_ready()
+            for index in range(self.replica_count):
+                replica = _Server(
+                    self.directory / f"replica{index}",
+                    free_port(),
+                    [f"replicaof 127.0.0.1 {self.master.port}"],
+                )
+                self.replicas.append(replica)
+                replica.wait_ready()
+            wait_for(self._replicas_linked, "replicas to sync with the primary")
             self.sentinel = _Server(
                 self.directory / "sentinel",
                 free_port(),
                 [
                     f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} 1",
                     f"sentinel down-after-milliseconds {self.master_name} 5000",
+                    f"sentinel failover-timeout {self.master_name} 10000",
                 ],
                 sentinel=True,
             )
             self.sentinel.wait_ready()
             wait_for(self._master_seen, f"sentinel to see {self.master_name} up")
+            wait_for(self._replicas_seen, "sentinel to discover the replicas")
         except BaseException:
             self.stop()
             raise
         return self.url
 
+    def _replicas_linked(self) -> bool:
+        for replica in self.replicas:
+            with replica.client() as conn:
+                if conn.info("replication").get("master_link_status") != "up":
+                    return False
+        return True
+
+    def _replicas_seen(self) -> bool:
+        assert self.sentinel is not None
+        with self.sentinel.client() as conn:
+            known = conn.execute_command("SENTINEL", "REPLICAS", self.master_name)
+        healthy = [
+            r for r in known if "disconnected" not in str(_fields(r).get("flags", "")).split(",")
+        ]
+        return len(healthy) >= len(self.replicas)
+
+    def primary_port(self) -> int:
+        """The port of the primary as the Sentinel sees it now."""
+        assert self.sentinel is not None
+        with self.sentinel.client() as conn:
+            _host, port = conn.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
+            )
+        return int(port)
+
+    def failover(self) -> int:
+        """Promote a replica (SENTINEL FAILOVER) and wait until it serves as the primary;
+        returns its port."""
+        assert self.sentinel is not None
+        assert self.replicas
+        old = self.primary_port()
+        with self.sentinel.client() as conn:
+            conn.execute_command("SENTINEL", "FAILOVER", self.master_name)
+
+        def promoted() -> bool:
+            port = self.primary_port()
+            if port == old:
+                return False
+            with self._server(port).client() as conn:
+                return bool(conn.info("replication").get("role") == "master")
+
+        wait_for(promoted, "the failover to promote a replica")
+        return self.primary_port()
+
+    def _server(self, port: int) -> _Server:
+        servers = [s for s in (self.master, *self.replicas) if s is not None]
+        (found,) = [s for s in servers if s.port == port]
+        return found
+
     def _master_seen(self) -> bool:
         assert self.sentinel is not None
         assert self.master is not None
         with self.sentinel.client() as conn:
-            state = conn.execute_command("SENTINEL", "MASTER", self.master_name)
-            fields = (
-                state
-                if isinstance(state, dict)
-                else dict(zip(state[::2], state[1::2], strict=False))
-            )
+            fields = _fields(conn.execute_command("SENTINEL", "MASTER", self.master_name))
             flags = str(fields.get("flags", "")).split(",")
             down = {"s_down", "o_down", "disconnected"}
             return (
@@ -231,15 +321,25 @@ class LocalSentinel:
             )
 
     def primaries(self) -> list[redis.Redis]:
-        assert self.master is not None
-        return [self.master.client()]
+        return [self._server(self.primary_port()).client()]
 
     def flushall(self) -> None:
-        assert self.master is not None
-        with self.master.client() as conn:
+        with self._server(self.primary_port()).client() as conn:
             conn.flushall()
 
     def stop(self) -> None:
-        for server in (self.sentinel, self.master):
+        for server in (self.sentinel, *self.replicas, self.master):
             if server is not None:
                 server.stop()
+
+
+def _fields(reply: object) -> dict[str, Any]:
+    """A Sentinel reply as a dict, whether redis-py already made it one or left it flat."""
+    if isinstance(reply, dict):
+        return reply
+    assert isinstance(reply, list)
+    return dict(zip(reply[::2], reply[1::2], strict=False))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

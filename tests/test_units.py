@@ -174,7 +174,8 @@ def test_completion_replays_as_chunks_the_assembler_understands() -> None:
     }
     assembler = StreamAssembler()
     for event in completion_as_sse(completion):
-        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+        assert event.startswith(b"data: ")
+        assert event.endswith(b"\n\n")
         assembler.add(orjson.loads(event[6:]))
     rebuilt = assembler.completion()
     assert rebuilt["choices"][0]["message"]["tool_calls"] == calls

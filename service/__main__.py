@@ -11,7 +11,7 @@ import uvicorn
 from service.app import Lifecycle, create_app
 from service.config import get_settings
 from service.embedded_redis import EmbeddedRedis
-from service.logs import configure_logging
+from service.logs import configure_logging, logging_config
 
 
 class _DrainingServer(uvicorn.Server):
@@ -33,7 +33,7 @@ def main() -> None:
     common = {
         "host": settings.host,
         "port": settings.port,
-        "log_config": None,
+        "log_config": logging_config(settings.log_level),
         "timeout_graceful_shutdown": int(settings.shutdown_timeout_seconds) or None,
         "timeout_keep_alive": settings.keepalive_timeout_seconds,
         "proxy_headers": True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+import logging.config
 import time
 import traceback
 from contextvars import ContextVar
@@ -51,18 +51,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+def logging_config(level: str) -> dict[str, Any]:
+    """A dictConfig: JSON lines on stderr for our loggers and uvicorn's. uvicorn's own access log
+    is off: ours carries the request id, tenant and timings. Given to uvicorn as `log_config`, so
+    every worker process applies it too."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
+    }
+
+
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr for our loggers and uvicorn's; uvicorn's own access log is replaced
-    by ours (which carries the request id, tenant and timings)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers = []
-        logger.propagate = True
+    logging.config.dictConfig(logging_config(level))
     logging.getLogger("uvicorn.access").disabled = True
-    # httpx logs every upstream call at INFO with its full URL: our access line covers it.
-    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from service.app import create_app
 from service.redis_client import open_redis
 from service.store import ConversationRef
-from tests.conftest import CLIENT_KEY, OTHER_KEY, make_settings
+from tests.conftest import CLIENT_KEY, OTHER_KEY, free_port, make_settings
 from tests.fake_gateway import FakeGateway
 from tests.redis_topologies import LocalCluster, LocalSentinel
 
@@ -44,10 +48,10 @@ def topology(request: pytest.FixtureRequest) -> Topology:
     return found
 
 
-@pytest.fixture
-async def topo_client(topology: Topology, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def serve(redis_url: str, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(
-        make_settings(topology.url), gateway_transport=httpx.MockTransport(gateway.handle)
+        make_settings(redis_url), gateway_transport=httpx.MockTransport(gateway.handle)
     )
     async with (
         LifespanManager(app) as manager,
@@ -57,6 +61,12 @@ async def topo_client(topology: Topology, gateway: FakeGateway) -> AsyncIterator
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
         ) as http,
     ):
+        yield http
+
+
+@pytest.fixture
+async def topo_client(topology: Topology, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(topology.url, gateway) as http:
         yield http
 
 
@@ -232,6 +242,88 @@ async def test_conversation_keys_share_one_slot(
     assert len(slots) == 1
     assert server_slots == slots
     assert await topo_redis.zscore(ref.index_key, "slotted") is not None
+
+
+@pytest.mark.parametrize("topology", ["cluster"], indirect=True)
+async def test_conversation_follows_a_resharded_slot(
+    topology: LocalCluster, topo_client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    """Moving the conversation's slot to another primary (MOVED) is followed, scripts and all."""
+    await turn(topo_client, "moving", "before the move", headers={"Idempotency-Key": "m1"})
+    ref = ConversationRef("acme", "moving")
+    with topology.primaries()[0] as conn:
+        slot = int(conn.execute_command("CLUSTER", "KEYSLOT", ref.key("log")))
+    source = topology.owner(slot)
+    target = (source + 1) % topology.size
+    await asyncio.to_thread(topology.move_slot, slot, target)
+
+    await turn(topo_client, "moving", "after the move")
+    assert [m["content"] for m in gateway.received[-1]["messages"]] == [
+        "before the move",
+        "reply to: before the move",
+        "after the move",
+    ]
+    replay = await turn(topo_client, "moving", "before the move", headers={"Idempotency-Key": "m1"})
+    assert replay.headers.get("idempotent-replayed") == "true"
+    with topology.primaries()[target] as conn:
+        assert conn.llen(ref.key("log")) == 4
+    listed = (await topo_client.get("/conversations")).json()["conversations"]
+    assert [item["id"] for item in listed] == ["moving"]
+    assert (await topo_client.delete("/conversations/moving")).status_code == 204
+
+
+@pytest.fixture
+def sentinel_with_replica(tmp_path: Path) -> Iterator[LocalSentinel]:
+    """A Sentinel set of its own (primary, replica), since the test fails its primary over."""
+    topology = LocalSentinel(tmp_path / "failover", replicas=1)
+    topology.start()
+    yield topology
+    topology.stop()
+
+
+async def test_sentinel_failover_is_followed(
+    sentinel_with_replica: LocalSentinel, gateway: FakeGateway
+) -> None:
+    topology = sentinel_with_replica
+    async with serve(topology.url, gateway) as client:
+        await turn(client, "failover", "before the failover")
+        with topology.primaries()[0] as primary:
+            assert primary.wait(1, 5000) == 1  # the replica has the turn before it is promoted
+        promoted = await asyncio.to_thread(topology.failover)
+        assert promoted == topology.replicas[0].port
+
+        # Until every pooled connection has met the new primary, a turn may get 503: retry.
+        deadline = time.monotonic() + 20
+        while True:
+            response = await client.post(
+                "/conversations/failover/messages", json=user("after the failover")
+            )
+            if response.status_code == 200 or time.monotonic() > deadline:
+                break
+            assert response.status_code == 503, response.text
+            await asyncio.sleep(0.1)
+        assert response.status_code == 200, response.text
+        assert response.json()["conversation"]["message_count"] == 4
+        assert [m["content"] for m in gateway.received[-1]["messages"]][:2] == [
+            "before the failover",
+            "reply to: before the failover",
+        ]
+
+
+@pytest.mark.parametrize("scheme", ["redis+cluster", "redis+sentinel"])
+async def test_unreachable_topology_is_503(scheme: str, gateway: FakeGateway) -> None:
+    url = f"{scheme}://127.0.0.1:{free_port()}" + ("/mymaster" if "sentinel" in scheme else "")
+    async with serve(url, gateway) as client:
+        for response in (
+            await client.post("/conversations/down/messages", json=user("hello")),
+            await client.get("/conversations/down"),
+            await client.get("/conversations"),
+            await client.get("/readyz"),
+        ):
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "1"
+            assert response.headers["content-type"].startswith("application/problem+json")
+    assert gateway.calls == 0
 
 
 def _text(value: bytes | str) -> str:

@@ -24,7 +24,6 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._lifecycle.draining = True
         super().handle_exit(sig, frame)
-        self._captured_signals.clear()  # drained: exit 0, not re-raise the signal (uvicorn>=0.29)
 
 
 def main() -> None:

@@ -29,9 +29,11 @@ class GatewayServer:
 
     async def completions(self, request: Request) -> Response:
         body = orjson.loads(await request.body())
-        if self.delay_seconds:
-            await asyncio.sleep(self.delay_seconds)  # a slow gateway, not test synchronisation
         status, headers, content = await self.fake.respond(dict(request.headers), body)
+        if (
+            self.delay_seconds
+        ):  # a slow gateway (after recording the call), not test synchronisation
+            await asyncio.sleep(self.delay_seconds)
         if isinstance(content, bytes):
             return Response(content, status_code=status, headers=headers)
         return StreamingResponse(content, status_code=status, headers=headers)

@@ -243,9 +243,11 @@ async def test_oversized_body_stops_at_nginx(http: httpx.AsyncClient) -> None:
 
 
 class ScriptedUpstream:
-    """A raw HTTP/1.1 server that sends one SSE event, then waits for `release` to finish."""
+    """A raw HTTP/1.1 server answering with SSE: one event with the headers, a second when
+    `second` is set, the end when `release` is set."""
 
     def __init__(self) -> None:
+        self.second = asyncio.Event()
         self.release = asyncio.Event()
         self.requests: list[tuple[str, dict[str, str]]] = []
 
@@ -264,6 +266,9 @@ class ScriptedUpstream:
                 b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(b"data: first\n\n")
             )
             await writer.drain()
+            await self.second.wait()
+            writer.write(_chunk(b"data: second\n\n"))
+            await writer.drain()
             await self.release.wait()
             writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
             await writer.drain()
@@ -277,8 +282,11 @@ def _chunk(data: bytes) -> bytes:
 
 
 async def test_messages_route_is_not_buffered(tmp_path: Path) -> None:
-    """The first event reaches the client while the upstream is still in the middle of its
-    answer: nginx buffering would hold it back until the end."""
+    """Each event reaches the client while the upstream is still in the middle of its answer.
+
+    The first comes with the response headers, the second alone. (nginx 1.22 relays both even
+    with buffering on, as long as the client keeps up; `proxy_buffering off` on this route,
+    checked in test_deploy.py, also keeps a slow reader from making nginx spool to disk.)"""
     upstream = ScriptedUpstream()
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
     port: int = server.sockets[0].getsockname()[1]
@@ -297,10 +305,15 @@ async def test_messages_route_is_not_buffered(tmp_path: Path) -> None:
             async with asyncio.timeout(WAIT_SECONDS):
                 first = await anext(lines)
             assert first == "data: first"
+            upstream.second.set()
+            async with asyncio.timeout(WAIT_SECONDS):
+                second = await anext(line async for line in lines if line)
+            assert second == "data: second"
             upstream.release.set()
             rest = [line async for line in lines if line]
         assert rest == ["data: [DONE]"]
     finally:
+        upstream.second.set()
         upstream.release.set()
         server.close()
         await server.wait_closed()

@@ -4,6 +4,7 @@ in front of the stand-in gateway process (tests/gateway_server.py)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -304,4 +305,5 @@ async def test_sigterm_drains_turns_in_flight_then_exits_cleanly(
             ("assistant", f"{REPLY_PREFIX}draining {cid}"),
         ]
     returncode = await asyncio.to_thread(victim.wait)
-    assert returncode == 0, victim.log_tail()
+    # uvicorn re-raises the stop signal once drained, as process managers expect (143 / -15).
+    assert returncode in (0, -signal.SIGTERM), victim.log_tail()

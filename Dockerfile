@@ -34,17 +34,24 @@ RUN groupadd --system --gid 10001 app \
 WORKDIR /app
 # Owned by root and read-only to the service's user: the code cannot be rewritten at run time.
 COPY --from=builder /app/.venv /app/.venv
+# `python -m service` reads these (service/config.py). SHUTDOWN_TIMEOUT_SECONDS: SIGTERM drains
+# in-flight turns for up to 30 s. KEEPALIVE_TIMEOUT_SECONDS: 75 s is above the load balancer's idle
+# timeout (nginx upstream keepalive_timeout 60 s, cloud balancers 60 s), so the balancer always
+# closes an idle connection first and never sends a request on a socket uvicorn is closing (which
+# would surface as a sporadic 502).
 ENV PATH="/app/.venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    WORKERS=1 \
+    SHUTDOWN_TIMEOUT_SECONDS=30 \
+    KEEPALIVE_TIMEOUT_SECONDS=75
 USER 10001:10001
 EXPOSE 8000
 # No curl in a slim image: the standard library fetches /healthz (non-2xx raises, so exit 1).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
-# One process per container; scale with replicas. SIGTERM drains in-flight turns for up to 30 s.
-# Keep-alive 75 s is above the load balancer's idle timeout (nginx upstream keepalive_timeout 60 s,
-# cloud balancers 60 s), so the balancer always closes an idle connection first and never sends a
-# request on a socket uvicorn is closing (which would surface as a sporadic 502).
-CMD ["uvicorn", "--factory", "service.app:create_app", "--host", "0.0.0.0", "--port", "8000", \
-     "--timeout-graceful-shutdown", "30", "--timeout-keep-alive", "75", "--no-server-header"]
+# One process per container; scale with replicas. `python -m service` rather than the uvicorn CLI:
+# it applies the JSON log config and turns /readyz false the moment SIGTERM arrives.
+CMD ["python", "-m", "service"]

@@ -12,7 +12,9 @@ from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 from service.store import RedisClient
 
@@ -71,7 +73,14 @@ def open_redis(
             )
         sentinel = Sentinel(  # type: ignore[no-untyped-call] # redis-py leaves it untyped
             _hosts(parts.netloc),
-            sentinel_kwargs={"password": password},
+            # One try per Sentinel, bounded: discovery moves on to the next Sentinel instead of
+            # backing off on a dead one (redis-py's default retry adds seconds per lookup).
+            sentinel_kwargs={
+                "password": password,
+                "socket_timeout": CONNECT_TIMEOUT,
+                "socket_connect_timeout": CONNECT_TIMEOUT,
+                "retry": Retry(NoBackoff(), 0),
+            },
             username=username,
             password=password,
             ssl=tls,

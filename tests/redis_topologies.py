@@ -213,9 +213,15 @@ class LocalSentinel:
     """One primary (plus optional replicas) and one Sentinel monitoring it with quorum 1."""
 
     def __init__(
-        self, directory: Path, master_name: str = SENTINEL_MASTER, *, replicas: int = 0
+        self,
+        directory: Path,
+        master_name: str = SENTINEL_MASTER,
+        *,
+        replicas: int = 0,
+        down_after_ms: int = 5000,
     ) -> None:
         self.directory = directory
+        self.down_after_ms = down_after_ms
         self.master_name = master_name
         self.replica_count = replicas
         self.master: _Server | None = None
@@ -245,7 +251,7 @@ class LocalSentinel:
                 free_port(),
                 [
                     f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} 1",
-                    f"sentinel down-after-milliseconds {self.master_name} 5000",
+                    f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                     f"sentinel failover-timeout {self.master_name} 10000",
                 ],
                 sentinel=True,
@@ -283,14 +289,12 @@ class LocalSentinel:
             )
         return int(port)
 
-    def failover(self) -> int:
-        """Promote a replica (SENTINEL FAILOVER) and wait until it serves as the primary;
-        returns its port."""
-        assert self.sentinel is not None
+    def kill_primary(self) -> int:
+        """Stop the primary's process and wait until the Sentinel has promoted a replica and it
+        serves as primary; returns the new primary's port."""
         assert self.replicas
         old = self.primary_port()
-        with self.sentinel.client() as conn:
-            conn.execute_command("SENTINEL", "FAILOVER", self.master_name)
+        self._server(old).stop()
 
         def promoted() -> bool:
             port = self.primary_port()
@@ -299,7 +303,7 @@ class LocalSentinel:
             with self._server(port).client() as conn:
                 return bool(conn.info("replication").get("role") == "master")
 
-        wait_for(promoted, "the failover to promote a replica")
+        wait_for(promoted, "the Sentinel to promote a replica")
         return self.primary_port()
 
     def _server(self, port: int) -> _Server:

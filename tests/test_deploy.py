@@ -100,10 +100,6 @@ def exec_form(instruction: Instruction) -> list[str]:
     return parsed
 
 
-def option(argv: list[str], name: str) -> str:
-    return argv[argv.index(name) + 1]
-
-
 @pytest.fixture(scope="module")
 def stages() -> list[Stage]:
     return parse_dockerfile((ROOT / "Dockerfile").read_text())
@@ -113,6 +109,18 @@ def stages() -> list[Stage]:
 def runtime_cmd(stages: list[Stage]) -> list[str]:
     (cmd,) = stages[-1].all("CMD")
     return exec_form(cmd)
+
+
+@pytest.fixture(scope="module")
+def runtime(stages: list[Stage]) -> Settings:
+    """The settings the image runs with: its ENV over the defaults."""
+    env: dict[str, str] = {}
+    for instruction in stages[-1].all("ENV"):
+        for word in shlex.split(instruction.args):
+            name, _, value = word.partition("=")
+            env[name.lower()] = value
+    fields = {k: v for k, v in env.items() if k in Settings.model_fields}
+    return Settings.model_validate(fields)
 
 
 def test_two_stages_on_the_same_slim_base(stages: list[Stage]) -> None:
@@ -162,10 +170,11 @@ def test_healthcheck_probes_healthz_without_curl(stages: list[Stage]) -> None:
     assert "wget" not in check.args
 
 
-def test_cmd_is_exec_form_uvicorn_with_graceful_shutdown(runtime_cmd: list[str]) -> None:
-    assert runtime_cmd[:3] == ["uvicorn", "--factory", "service.app:create_app"]
-    assert option(runtime_cmd, "--host") == "0.0.0.0"  # noqa: S104 - a container's listener
-    assert int(option(runtime_cmd, "--timeout-graceful-shutdown")) == 30
+def test_cmd_is_exec_form_with_graceful_shutdown(runtime_cmd: list[str], runtime: Settings) -> None:
+    assert runtime_cmd == ["python", "-m", "service"]
+    assert runtime.host == "0.0.0.0"  # noqa: S104 - a container's listener
+    assert runtime.shutdown_timeout_seconds == 30
+    assert runtime.workers == 1
 
 
 def test_hadolint_passes() -> None:
@@ -301,13 +310,11 @@ def test_nginx_keeps_http11_connections_to_the_replicas(nginx: Block) -> None:
             assert location.one("proxy_pass") == ["http://conversation_proxy"]
 
 
-def test_uvicorn_keep_alive_outlasts_nginx_idle_timeout(
-    nginx: Block, runtime_cmd: list[str]
-) -> None:
+def test_uvicorn_keep_alive_outlasts_nginx_idle_timeout(nginx: Block, runtime: Settings) -> None:
     """nginx closes an idle upstream connection first, so it never reuses one being closed."""
     upstream = nginx.block("http").block("upstream", "conversation_proxy")
     idle = seconds(upstream.one("keepalive_timeout")[0])
-    assert int(option(runtime_cmd, "--timeout-keep-alive")) > idle
+    assert runtime.keepalive_timeout_seconds > idle
     assert Settings.model_fields["keepalive_timeout_seconds"].default > idle
 
 
@@ -381,11 +388,9 @@ def test_compose_services_have_health_checks(compose: dict[str, Any]) -> None:
     assert "/healthz" in " ".join(compose["services"]["app"]["healthcheck"]["test"])
 
 
-def test_compose_gives_uvicorn_time_to_drain(
-    compose: dict[str, Any], runtime_cmd: list[str]
-) -> None:
+def test_compose_gives_uvicorn_time_to_drain(compose: dict[str, Any], runtime: Settings) -> None:
     grace = seconds(compose["services"]["app"]["stop_grace_period"])
-    assert grace > int(option(runtime_cmd, "--timeout-graceful-shutdown"))
+    assert grace > runtime.shutdown_timeout_seconds
 
 
 def test_compose_nginx_uses_the_project_files(compose: dict[str, Any]) -> None:
@@ -479,19 +484,19 @@ def test_k8s_settings_are_real_settings(manifests: dict[str, dict[str, Any]]) ->
 
 
 def test_k8s_deployment_probes_and_drains(
-    manifests: dict[str, dict[str, Any]], runtime_cmd: list[str]
+    manifests: dict[str, dict[str, Any]], runtime: Settings
 ) -> None:
     spec = manifests["Deployment"]["spec"]
     assert spec["replicas"] == 3
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     port = container["ports"][0]
-    assert port["containerPort"] == int(option(runtime_cmd, "--port"))
+    assert port["containerPort"] == runtime.port
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain = int(pre_stop[1]) + int(option(runtime_cmd, "--timeout-graceful-shutdown"))
+    drain = int(pre_stop[1]) + runtime.shutdown_timeout_seconds
     assert pod["terminationGracePeriodSeconds"] > drain
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"])

@@ -281,7 +281,7 @@ def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
-async def test_messages_route_is_not_buffered(tmp_path: Path) -> None:
+async def test_events_are_relayed_as_they_come(tmp_path: Path) -> None:
     """Each event reaches the client while the upstream is still in the middle of its answer.
 
     The first comes with the response headers, the second alone. (nginx 1.22 relays both even

@@ -34,11 +34,16 @@ def json_logs() -> Iterator[io.StringIO]:
     so that every line is seen; undone after the test."""
     root = logging.getLogger()
     saved_root = (root.handlers[:], root.level)
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access", "httpx")
     saved = {
-        name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate)
-        for name in ("uvicorn", "uvicorn.error")
+        name: (
+            logging.getLogger(name).handlers[:],
+            logging.getLogger(name).propagate,
+            logging.getLogger(name).level,
+            logging.getLogger(name).disabled,
+        )
+        for name in names
     }
-    access_disabled = logging.getLogger("uvicorn.access").disabled
     configure_logging("info")
     (handler,) = root.handlers
     assert isinstance(handler, logging.StreamHandler)
@@ -47,10 +52,10 @@ def json_logs() -> Iterator[io.StringIO]:
     handler.setStream(buffer)
     yield buffer
     root.handlers, root.level = saved_root[0], saved_root[1]
-    for name, (handlers, propagate) in saved.items():
-        logging.getLogger(name).handlers = handlers
-        logging.getLogger(name).propagate = propagate
-    logging.getLogger("uvicorn.access").disabled = access_disabled
+    for name, (handlers, propagate, level, disabled) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate, logger.level = handlers, propagate, level
+        logger.disabled = disabled
 
 
 @pytest.fixture

@@ -274,14 +274,14 @@ async def test_conversation_follows_a_resharded_slot(
 
 @pytest.fixture
 def sentinel_with_replica(tmp_path: Path) -> Iterator[LocalSentinel]:
-    """A Sentinel set of its own (primary, replica), since the test fails its primary over."""
-    topology = LocalSentinel(tmp_path / "failover", replicas=1)
+    """A Sentinel set of its own (primary, replica), since the test kills its primary."""
+    topology = LocalSentinel(tmp_path / "failover", replicas=1, down_after_ms=500)
     topology.start()
     yield topology
     topology.stop()
 
 
-async def test_sentinel_failover_is_followed(
+async def test_sentinel_failover_after_the_primary_dies(
     sentinel_with_replica: LocalSentinel, gateway: FakeGateway
 ) -> None:
     topology = sentinel_with_replica
@@ -289,7 +289,7 @@ async def test_sentinel_failover_is_followed(
         await turn(client, "failover", "before the failover")
         with topology.primaries()[0] as primary:
             assert primary.wait(1, 5000) == 1  # the replica has the turn before it is promoted
-        promoted = await asyncio.to_thread(topology.failover)
+        promoted = await asyncio.to_thread(topology.kill_primary)
         assert promoted == topology.replicas[0].port
 
         # Until every pooled connection has met the new primary, a turn may get 503: retry.

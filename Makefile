@@ -12,12 +12,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# nginx for the load-balancer end-to-end test (Debian's package; installed when missing).
+$(VENV)/.nginx: $(STAMP)
+	command -v nginx || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx)
+	touch $@
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m service
 
-test: lint typecheck
+test: lint typecheck $(VENV)/.nginx
 	$(BIN)/python -m pytest
 
 check: test

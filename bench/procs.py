@@ -65,6 +65,14 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def exit_text(self) -> str:
+        code = self.popen.poll()
+        if code is None:
+            return "running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit status {code}"
+
     def tail(self, lines: int = 15) -> str:
         self._log.flush()
         text = self.log_path.read_text(errors="replace").splitlines()

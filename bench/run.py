@@ -57,8 +57,20 @@ class Row:
     target: str
     service: str = "not measured"
     passed: bool | None = None
-    litellm: str = ""
-    note: str = ""
+    litellm: str = "n/a (stateless)"
+
+
+ROWS = {
+    "latency": ("Added latency, 1 connection (p50 / p99)", "p50 <= 1.0 ms, p99 <= 2.5 ms"),
+    "throughput": (
+        "Throughput, 32 connections, 20-message windows, 1 worker",
+        ">= 1,500 turns/s, 0 errors",
+    ),
+    "history": ("History independence: p50 at 10,000 stored minus at 10", "<= 0.5 ms"),
+    "in_flight": ("In flight: 500 connections, upstream waits 500 ms", "0 errors, >= 900 turns/s"),
+    "round_trips": ("Redis round trips per uncontended turn", "<= 2"),
+    "memory": ("Redis memory: bytes per stored message beyond its JSON", "<= 100"),
+}
 
 
 @dataclass
@@ -69,7 +81,12 @@ class Bench:
     nginx_port: int = 0
     redis: Redis | None = None
     procs: list[Proc] = field(default_factory=list)
-    rows: dict[str, Row] = field(default_factory=dict)
+    rows: dict[str, Row] = field(
+        default_factory=lambda: {key: Row(*texts) for key, texts in ROWS.items()}
+    )
+    target: Proc | None = None  # the proxy under test: checked after every run
+    main: tuple[Proc, int] | None = None  # the service on nginx
+    failures: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
     # ---- processes -------------------------------------------------------------------------
@@ -79,6 +96,8 @@ class Bench:
         return proc
 
     def stop(self, proc: Proc) -> None:
+        if proc is self.target:
+            self.target = None
         proc.stop()
         if proc in self.procs:
             self.procs.remove(proc)
@@ -124,9 +143,13 @@ class Bench:
             "TOKEN_BUDGET": str(TOKEN_BUDGET),
             "DEFAULT_MODEL": MODEL,
         }
-        argv = pinned(SERVICE_CORE, [sys.executable, "-m", "service"])
+        entry = ["-m", "service"]
+        if self.args.ignore_sigpipe:  # service/__main__.py resets SIGPIPE to SIG_DFL
+            entry = ["-c", "from service.__main__ import main; main()"]
+        argv = pinned(SERVICE_CORE, [sys.executable, *entry])
         proc = self.start(Proc(name, argv, log_dir=self.workdir, env=env, cwd=ROOT))
         wait_http(proc, port, "/readyz", timeout=30)
+        self.target = proc
         return proc, port
 
     # ---- load ------------------------------------------------------------------------------
@@ -159,6 +182,8 @@ class Bench:
 
     def wrk(self, port: int, script: Path, connections: int, seconds: float) -> WrkResult:
         result = run_wrk(port, script, connections=connections, seconds=seconds)
+        if self.target is not None and not self.target.alive():
+            raise RuntimeError(f"{self.target.name} died during the run: {self.target.exit_text()}")
         print(
             f"  wrk c={connections} {script.stem}: {result.ok_per_second:,.0f}/s "
             f"p50 {result.p50_ms:.3f} ms p99 {result.p99_ms:.3f} ms, {result.detail}",
@@ -182,6 +207,37 @@ class Bench:
             )
             for name, results in got.items()
         }
+
+    def __post_init__(self) -> None:
+        baseline = "skipped (--no-litellm)" if self.args.no_litellm else "not run"
+        self.rows["latency"].litellm = self.rows["throughput"].litellm = baseline
+        self.rows["in_flight"].litellm = "not measured"
+
+    def record(self, key: str, text: str, passed: bool) -> None:
+        self.rows[key].service = text
+        self.rows[key].passed = passed
+
+    def phase(self, key: str, run: Callable[[], None]) -> None:
+        """Run one measurement; a failure is written in its row and the bench goes on."""
+        try:
+            run()
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:160] or type(exc).__name__
+            print(f"  {key} failed: {text}", file=sys.stderr, flush=True)
+            self.record(key, f"failed: {text}", False)
+            self.failures.append(key)
+
+    def service(self) -> int:
+        """The port of the service on nginx, (re)started and warmed up when needed."""
+        if self.main is not None and self.main[0].alive():
+            self.target = self.main[0]
+            return self.main[1]
+        if self.main is not None:
+            print(f"  restarting the service ({self.main[0].exit_text()})", file=sys.stderr)
+            self.stop(self.main[0])
+        self.main = self.start_service(self.nginx_port, "service")
+        self.wrk(self.main[1], self.script("warmup", "t", POOL), 32, 2)
+        return self.main[1]
 
     # ---- phases ----------------------------------------------------------------------------
 
@@ -208,13 +264,11 @@ class Bench:
             "used_memory_delta": after - before,
             "memory_usage_logs": usage,
         }
-        self.rows["memory"] = Row(
-            "Redis memory: bytes per stored message beyond its JSON",
-            "<= 100",
+        self.record(
+            "memory",
             f"{per_message:.1f} B (JSON {json_bytes / messages:.0f} B/message; "
             f"MEMORY USAGE of the lists: {(usage - json_bytes) / messages:.1f} B)",
             per_message <= 100,
-            "n/a (stateless)",
         )
 
     def latency(self, port: int) -> None:
@@ -232,9 +286,8 @@ class Bench:
         s50, s99, serr = figures["service"]
         self.raw["latency"] = figures
         added50, added99 = s50 - d50, s99 - d99
-        self.rows["latency"] = Row(
-            "Added latency, 1 connection (p50 / p99)",
-            "p50 <= 1.0 ms, p99 <= 2.5 ms",
+        self.record(
+            "latency",
             f"+{added50:.3f} / +{added99:.3f} ms (direct {d50:.3f} / {d99:.3f}, "
             f"through {s50:.3f} / {s99:.3f}; errors {derr + serr})",
             added50 <= 1.0 and added99 <= 2.5 and derr + serr == 0,
@@ -276,13 +329,11 @@ class Bench:
         scripts = (calls.get("evalsha", 0) + calls.get("eval", 0)) / turns
         listed = ", ".join(f"{k} {v / turns:.2f}" for k, v in sorted(calls.items()))
         self.raw["round_trips"] = {"turns": turns, "reads": reads, "calls": calls}
-        self.rows["round_trips"] = Row(
-            "Redis round trips per uncontended turn",
-            "<= 2",
+        self.record(
+            "round_trips",
             f"{per_turn:.2f} (read events/turn; scripts/turn {scripts:.2f}; commands/turn "
             f"incl. inside Lua: {listed}; non-200: {failed})",
             per_turn <= 2.0 + 0.05 and failed == 0,
-            "n/a (stateless)",
         )
 
     def history(self, port: int) -> None:
@@ -300,13 +351,11 @@ class Bench:
         self.raw["history"] = figures
         diff = figures["large"][0] - figures["small"][0]
         errors = figures["large"][2] + figures["small"][2]
-        self.rows["history"] = Row(
-            "History independence: p50 at 10,000 stored minus at 10",
-            "<= 0.5 ms",
+        self.record(
+            "history",
             f"{diff:+.3f} ms (p50 {figures['small'][0]:.3f} vs {figures['large'][0]:.3f} ms; "
             f"errors {errors})",
             diff <= 0.5 and errors == 0,
-            "n/a (stateless)",
         )
 
     def throughput(self, port: int, key: str, script: Path, label: str) -> WrkResult:
@@ -327,13 +376,11 @@ class Bench:
         finally:
             self.stop(proc)
         self.raw["in_flight"] = asdict(result) | {"per_second": result.ok_per_second}
-        self.rows["in_flight"] = Row(
-            "In flight: 500 connections, upstream waits 500 ms",
-            "0 errors, >= 900 turns/s",
+        self.record(
+            "in_flight",
             f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
             f"{result.p99_ms:.1f} ms, {result.detail}",
             result.errors == 0 and result.ok_per_second >= 900,
-            "n/a",
         )
 
     def profile(self, port: int, pid: int) -> None:
@@ -361,11 +408,12 @@ class Bench:
         except Exception as exc:
             reason = str(exc).strip().splitlines()
             why = f"not run: {reason[0][:120] if reason else type(exc).__name__}"
-            for key in ("latency", "throughput"):
-                if key in self.rows:
-                    self.rows[key].litellm = why
+            print(f"  LiteLLM {why}", file=sys.stderr)
+            self.rows["latency"].litellm = self.rows["throughput"].litellm = why
             return
         self.procs.append(proc)
+        self.target = proc
+        self.rows["latency"].litellm = self.rows["throughput"].litellm = "failed"
         try:
             auth = {"Authorization": f"Bearer {litellm.MASTER_KEY}"}
             direct = self.direct_script("direct", {"Authorization": UPSTREAM_KEY})
@@ -396,29 +444,30 @@ class Bench:
     def run(self) -> None:
         self.start_redis()
         self.start_nginx()
-        self.seed_all()
-        proc, port = self.start_service(self.nginx_port, "service")
-        try:
-            self.wrk(port, self.script("warmup", "t", POOL), 32, 2)
-            self.latency(port)
-            self.round_trips(port)
-            self.history(port)
-            script = self.script("throughput", "t", POOL)
-            result = self.throughput(port, "throughput", script, "the service")
-            self.rows["throughput"] = Row(
-                "Throughput, 32 connections, 20-message windows, 1 worker",
-                ">= 1,500 turns/s, 0 errors",
-                f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
-                f"{result.p99_ms:.1f} ms, {result.detail}",
-                result.ok_per_second >= 1500 and result.errors == 0,
-            )
-            if self.args.profile:
-                self.profile(port, proc.pid)
-        finally:
-            self.stop(proc)
-        self.in_flight()
+        self.phase("memory", self.seed_all)
+        self.phase("latency", lambda: self.latency(self.service()))
+        self.phase("round_trips", lambda: self.round_trips(self.service()))
+        self.phase("history", lambda: self.history(self.service()))
+        self.phase("throughput", self.service_throughput)
+        if self.main is not None:
+            self.stop(self.main[0])
+            self.main = None
+        self.phase("in_flight", self.in_flight)
         if not self.args.no_litellm:
             self.baseline()
+
+    def service_throughput(self) -> None:
+        port = self.service()
+        script = self.script("throughput", "t", POOL)
+        result = self.throughput(port, "throughput", script, "the service")
+        self.record(
+            "throughput",
+            f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
+            f"{result.p99_ms:.1f} ms, {result.detail}",
+            result.ok_per_second >= 1500 and result.errors == 0,
+        )
+        if self.args.profile and self.main is not None:
+            self.profile(port, self.main[0].pid)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -459,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM baseline")
     parser.add_argument("--profile", action="store_true", help="py-spy the 32-connection load")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
+    parser.add_argument(
+        "--ignore-sigpipe",
+        action="store_true",
+        help="start the service through service.__main__.main(), leaving SIGPIPE ignored",
+    )
     args = parser.parse_args(argv)
 
     info = machine()
@@ -481,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench stopped early: {failure}", file=sys.stderr)
     finally:
         bench.close()
-        if args.keep or failure:
+        if args.keep or failure or bench.failures:
             print(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -495,4 +549,4 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"bench-{stamp}.json").write_bytes(
         orjson.dumps(record | {"raw": bench.raw, "failure": failure}, option=orjson.OPT_INDENT_2)
     )
-    return 1 if failure else 0
+    return 1 if failure or bench.failures else 0

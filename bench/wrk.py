@@ -93,7 +93,7 @@ def run_wrk(
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{seconds:g}s",
+            f"-d{max(1, round(seconds))}s",
             f"--timeout={timeout:g}s",
             "-s",
             str(script),

@@ -173,7 +173,9 @@ class ChatService:
                     assembler.add(orjson.loads(data))
                     yield b"data: " + data.encode() + b"\n\n"
                 completion = assembler.completion()
-                metrics.UPSTREAM_LATENCY.observe(time.perf_counter() - upstream.started)
+                elapsed = time.perf_counter() - upstream.started
+                metrics.UPSTREAM_LATENCY.observe(elapsed)
+                annotate(upstream_ms=round(elapsed * 1000, 3))
                 body = await self._shielded_commit(turn, completion, parse_reply(completion))
                 committed = True
             yield sse_event("conversation", {"conversation": orjson.loads(body)["conversation"]})

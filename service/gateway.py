@@ -250,7 +250,7 @@ class GatewayClient:
             retryable = status == 429 or status >= 500
             capped = retry_after is not None and retry_after > self._retry_after_cap
             if retryable and attempt < self._max_retries and not capped:
-                log.info("gateway retry", extra={"status": status, "attempt": attempt + 1})
+                log.info("gateway retry", extra={"upstream_status": status, "attempt": attempt + 1})
                 await self._backoff(attempt, retry_after)
                 attempt += 1
                 continue
@@ -268,7 +268,8 @@ class GatewayClient:
         text = _error_text(body)
         if self._api_key is not None:
             text = text.replace(self._api_key.get_secret_value(), "[redacted]")
-        log.warning("gateway error", extra={"status": status, "gateway_detail": text[:500]})
+        # Status only: the gateway's text can quote message content, which is never logged.
+        log.warning("gateway error", extra={"upstream_status": status})
         if status == 429:
             wait = retry_after if retry_after is not None else 1.0
             return GatewayRateLimited(

@@ -37,11 +37,17 @@ class _SentinelPrimary(Redis):
                 await self.owned_sentinel.aclose()
 
 
-def _hosts(netloc: str) -> list[tuple[str, int]]:
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    """`host[:port],...` from a URL's netloc (IPv6 in brackets), without the credentials."""
     hosts = []
-    for item in netloc.rpartition("@")[2].split(","):
-        host, _, port = item.rpartition(":")
-        hosts.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
+    for raw in netloc.rpartition("@")[2].split(","):
+        item = raw.strip()
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = item.partition(":")
+        hosts.append((host or "127.0.0.1", int(port) if port else default_port))
     return hosts
 
 
@@ -55,7 +61,7 @@ def open_redis(
     tls = parts.scheme.startswith("rediss")
     if parts.scheme.endswith("+cluster"):
         cluster = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in _hosts(parts.netloc)],
+            startup_nodes=[ClusterNode(host, port) for host, port in _hosts(parts.netloc, 6379)],
             username=username,
             password=password,
             ssl=tls,
@@ -72,7 +78,7 @@ def open_redis(
                 "redis+sentinel:// needs the master name: redis+sentinel://host:port/name"
             )
         sentinel = Sentinel(  # type: ignore[no-untyped-call] # redis-py leaves it untyped
-            _hosts(parts.netloc),
+            _hosts(parts.netloc, 26379),  # Sentinel's own default port
             # One try per Sentinel, bounded: discovery moves on to the next Sentinel instead of
             # backing off on a dead one (redis-py's default retry adds seconds per lookup).
             sentinel_kwargs={

@@ -330,6 +330,45 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis+sentinel://s1,s2:26380/mymaster", [("s1", 26379), ("s2", 26380)]),
+        ("redis+sentinel://:pw@[::1]:5000,[::2]/mymaster/2", [("::1", 5000), ("::2", 26379)]),
+    ],
+)
+async def test_sentinel_url_hosts(url: str, expected: list[tuple[str, int]]) -> None:
+    """Sentinel hosts default to Sentinel's port, 26379; IPv6 goes in brackets."""
+    client, cluster = open_redis(url, pool_size=1, pool_timeout_seconds=1.0)
+    try:
+        assert cluster is False
+        sentinel = client.owned_sentinel  # type: ignore[union-attr] # a _SentinelPrimary here
+        assert sentinel is not None
+        found = [
+            (
+                s.connection_pool.connection_kwargs["host"],
+                s.connection_pool.connection_kwargs["port"],
+            )
+            for s in sentinel.sentinels
+        ]
+        assert found == expected
+    finally:
+        await client.aclose()
+
+
+async def test_cluster_url_hosts() -> None:
+    client, cluster = open_redis(
+        "redis+cluster://user:pw@a,b:7001,[::1]:7002", pool_size=1, pool_timeout_seconds=1.0
+    )
+    try:
+        assert cluster is True
+        assert isinstance(client, RedisCluster)
+        nodes = client.nodes_manager.startup_nodes.values()
+        assert sorted((n.host, n.port) for n in nodes) == [("::1", 7002), ("a", 6379), ("b", 7001)]
+    finally:
+        await client.aclose()
+
+
 def test_sentinel_url_needs_a_master_name() -> None:
     with pytest.raises(ValueError, match="master name"):
         open_redis("redis+sentinel://127.0.0.1:26379", pool_size=1, pool_timeout_seconds=1.0)

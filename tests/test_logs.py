@@ -199,7 +199,7 @@ async def test_failed_turns_log_without_secrets(
     assert bad_gateway["conversation_id"] == "broken"
     assert bad_gateway["upstream_ms"] >= 0
     assert "input_tokens" not in bad_gateway
-    assert any(e["msg"] == "gateway error" and e["status"] == 500 for e in entries)
+    assert any(e["msg"] == "gateway error" and e["upstream_status"] == 500 for e in entries)
 
     rejected = by_id["req-log-401"]
     assert (rejected["status"], rejected["route"]) == (401, TURN_ROUTE)

@@ -86,7 +86,7 @@ class EmbeddedRedis:
             args += ["--port", str(self.port), "--bind", "127.0.0.1"]
         self._process = subprocess.Popen([*args, *self.extra_args], stdout=subprocess.DEVNULL)  # noqa: S603 - fixed binary, our own arguments
         deadline = time.monotonic() + timeout_seconds
-        while not self._answers():
+        while not self.answers():
             if self._process.poll() is not None:
                 raise RuntimeError(f"redis-server exited; see {self.data_dir / 'redis.log'}")
             if time.monotonic() > deadline:
@@ -95,7 +95,7 @@ class EmbeddedRedis:
             time.sleep(0.02)
         return self.url
 
-    def _answers(self) -> bool:
+    def answers(self) -> bool:
         family = socket.AF_INET if self.port is not None else socket.AF_UNIX
         address: str | tuple[str, int] = (
             ("127.0.0.1", self.port) if self.port is not None else str(self.socket_path)

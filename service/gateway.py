@@ -182,9 +182,7 @@ class GatewayClient:
                     body = await response.aread()
                 finally:
                     await response.aclose()
-        except TimeoutError as exc:
-            raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
-        except httpx.TimeoutException as exc:
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
         finally:
             elapsed = time.perf_counter() - started

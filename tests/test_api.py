@@ -147,6 +147,46 @@ BAD_INPUTS: list[tuple[str, str, bytes | None, dict[str, Any] | None, int]] = [
     ("stop as a number", "/conversations/c/messages", None, {**user("a"), "stop": 3}, 422),
     ("tools not a list", "/conversations/c/messages", None, {**user("a"), "tools": "all"}, 422),
     ("model empty", "/conversations/c/messages", None, {**user("a"), "model": ""}, 422),
+    (
+        "text part without text",
+        "/conversations/c/messages",
+        None,
+        {"message": {"role": "user", "content": [{"type": "text"}]}},
+        422,
+    ),
+    (
+        "tool_call_id on a user message",
+        "/conversations/c/messages",
+        None,
+        {"message": {"role": "user", "content": "a", "tool_call_id": "x"}},
+        422,
+    ),
+    (
+        "tool_calls on a user message",
+        "/conversations/c/messages",
+        None,
+        {"message": {"role": "user", "content": "a", "tool_calls": []}},
+        422,
+    ),
+    (
+        "assistant with neither content nor tool_calls",
+        "/conversations/c/messages",
+        None,
+        {"messages": [{"role": "assistant"}, {"role": "user", "content": "a"}]},
+        422,
+    ),
+    (
+        "tool call without a function",
+        "/conversations/c/messages",
+        None,
+        {
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "c1"}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "x"},
+            ]
+        },
+        422,
+    ),
     ("bad id character", "/conversations/bad!id/messages", None, user("a"), 422),
     ("id starting with a dot", "/conversations/.hidden/messages", None, user("a"), 422),
     ("id too long", "/conversations/" + "a" * 129 + "/messages", None, user("a"), 422),
@@ -576,3 +616,29 @@ async def test_forwarded_parameters(client: httpx.AsyncClient, gateway: FakeGate
     meta = (await client.get("/conversations/p")).json()
     assert meta["system"] == "You are terse."
     assert meta["model"] == "gpt-5"
+
+
+async def test_metadata_over_the_limit_is_422(client: httpx.AsyncClient, redis: Redis) -> None:
+    response = await client.put("/conversations/m", json={"metadata": {"blob": "x" * 20_000}})
+    assert response.status_code == 422
+    assert await stored_keys(redis) == []
+
+
+async def test_corrupt_stored_data_is_a_500_problem(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    await redis.hset("conv:{acme:bad}:meta", mapping={"created_at": "1", "metadata": "{not json"})
+    response = await client.get("/conversations/bad", headers={"X-Request-ID": "corrupt-1"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == PROBLEM
+    assert response.headers["x-request-id"] == "corrupt-1"
+    assert "Traceback" not in response.text
+
+
+async def test_an_idempotency_key_too_long_is_422(client: httpx.AsyncClient, redis: Redis) -> None:
+    response = await client.post(
+        "/conversations/c/messages", json=user("a"), headers={"Idempotency-Key": "k" * 300}
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM
+    assert await stored_keys(redis) == []

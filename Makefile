@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(BIN)/python -m service
 
 test: lint typecheck $(VENV)/.nginx
-	$(BIN)/python -m pytest
+	$(BIN)/coverage erase && $(BIN)/coverage run -m pytest && $(BIN)/coverage combine -q && $(BIN)/coverage report --fail-under=95
 
 check: test
 

@@ -203,9 +203,7 @@ class ConversationStore:
                 fill(_ClusterPipeline(pipe) if self._cluster else pipe)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             for result in results:
-                if isinstance(result, NoScriptError):
-                    raise result
-                if isinstance(result, Exception):
+                if isinstance(result, Exception):  # NoScriptError included: _call reloads
                     raise result
             return results
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -73,15 +74,24 @@ def gateway() -> FakeGateway:
     return FakeGateway()
 
 
-@pytest.fixture
-async def client(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def serve(
+    settings: Settings, gateway: FakeGateway, *, key: str | None = CLIENT_KEY
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over ASGI with its lifespan running, the stand-in gateway plugged in at the
+    transport, and a client sending `key` (none when None)."""
     app = create_app(settings, gateway_transport=httpx.MockTransport(gateway.handle))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with (
         LifespanManager(app) as manager,
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://test",
-            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://test", headers=headers
         ) as http,
     ):
+        yield http
+
+
+@pytest.fixture
+async def client(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(settings, gateway) as http:
         yield http

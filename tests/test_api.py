@@ -8,7 +8,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import CLIENT_KEY, GATEWAY_KEY, OTHER_KEY
+from tests.conftest import CLIENT_KEY, GATEWAY_KEY, OTHER_KEY, free_port, make_settings, serve
 from tests.fake_gateway import Failure, FakeGateway
 
 PROBLEM = "application/problem+json"
@@ -285,21 +285,9 @@ async def test_tenants_are_isolated(client: httpx.AsyncClient, gateway: FakeGate
 async def test_pass_through_mode_forwards_the_callers_key(
     redis_url: str, redis: Redis, gateway: FakeGateway
 ) -> None:
-    from asgi_lifespan import LifespanManager
-
-    from service.app import create_app
-    from tests.conftest import make_settings
-
-    app = create_app(
-        make_settings(redis_url, api_keys=None, gateway_api_key=None),
-        gateway_transport=httpx.MockTransport(gateway.handle),
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://t"
-        ) as http,
-    ):
+    async with serve(
+        make_settings(redis_url, api_keys=None, gateway_api_key=None), gateway, key=None
+    ) as http:
         mine = await http.post(
             "/conversations/p/messages",
             json=user("hi"),
@@ -420,23 +408,9 @@ async def test_operations_routes(client: httpx.AsyncClient) -> None:
 
 
 async def test_readyz_fails_without_redis(redis_url: str, gateway: FakeGateway) -> None:
-    from asgi_lifespan import LifespanManager
-
-    from service.app import create_app
-    from tests.conftest import free_port, make_settings
-
-    app = create_app(
-        make_settings(f"redis://127.0.0.1:{free_port()}/0", redis_pool_timeout_seconds=1),
-        gateway_transport=httpx.MockTransport(gateway.handle),
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://t",
-            headers={"Authorization": CLIENT_KEY},
-        ) as http,
-    ):
+    async with serve(
+        make_settings(f"redis://127.0.0.1:{free_port()}/0", redis_pool_timeout_seconds=1), gateway
+    ) as http:
         ready = await http.get("/readyz")
         assert ready.status_code == 503
         assert ready.headers["content-type"] == PROBLEM

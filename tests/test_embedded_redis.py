@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
-from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
-from service.app import create_app
 from service.embedded_redis import EmbeddedRedis
-from tests.conftest import CLIENT_KEY, make_settings
+from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway
 
 
@@ -20,15 +17,7 @@ async def test_without_redis_url_the_service_keeps_data_under_data_dir(
     settings = make_settings("", data_dir=tmp_path / "data")
     assert settings.redis_url is None
     for turn in ("first", "second"):  # two runs of the service on the same data directory
-        app = create_app(settings, gateway_transport=httpx.MockTransport(gateway.handle))
-        async with (
-            LifespanManager(app) as manager,
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=manager.app),
-                base_url="http://t",
-                headers={"Authorization": CLIENT_KEY},
-            ) as http,
-        ):
+        async with serve(settings, gateway) as http:
             response = await http.post(
                 "/conversations/e/messages", json={"message": {"role": "user", "content": turn}}
             )

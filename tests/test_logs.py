@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from asgi_lifespan import LifespanManager
 
-from service.app import create_app
 from service.config import Settings
 from service.logs import JsonFormatter, configure_logging
 from service.middleware import tenant_hash
-from tests.conftest import GATEWAY_KEY, make_settings
+from tests.conftest import GATEWAY_KEY, make_settings, serve
 from tests.fake_gateway import Failure, FakeGateway
 
 CANARY_CLIENT_KEY = "ck-canary-secret-1111"
@@ -67,20 +64,6 @@ def log_settings(redis_url: str, redis: object) -> Settings:
     )
 
 
-@asynccontextmanager
-async def serve(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, gateway_transport=httpx.MockTransport(gateway.handle))
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://test",
-            headers={"Authorization": f"Bearer {CANARY_CLIENT_KEY}"},
-        ) as http,
-    ):
-        yield http
-
-
 def parse_lines(buffer: io.StringIO) -> tuple[str, list[dict[str, Any]]]:
     text = buffer.getvalue()
     lines = [line for line in text.splitlines() if line.strip()]
@@ -117,7 +100,7 @@ def user(content: str) -> dict[str, Any]:
 async def test_turn_access_line(
     json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
 ) -> None:
-    async with serve(log_settings, gateway) as client:
+    async with serve(log_settings, gateway, key=CANARY_CLIENT_KEY) as client:
         first = await client.post(
             "/conversations/logged/messages",
             json=user(f"first {CANARY_CONTENT}"),
@@ -170,7 +153,7 @@ async def test_failed_turns_log_without_secrets(
     json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
 ) -> None:
     gateway.failures = [Failure(500, {"error": {"code": 500, "message": "upstream exploded"}})]
-    async with serve(log_settings, gateway) as client:
+    async with serve(log_settings, gateway, key=CANARY_CLIENT_KEY) as client:
         failed = await client.post(
             "/conversations/broken/messages",
             json=user(CANARY_CONTENT),
@@ -210,7 +193,7 @@ async def test_failed_turns_log_without_secrets(
 async def test_streamed_turn_access_line(
     json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
 ) -> None:
-    async with serve(log_settings, gateway) as client:
+    async with serve(log_settings, gateway, key=CANARY_CLIENT_KEY) as client:
         streamed = await client.post(
             "/conversations/streamed/messages",
             json={**user(CANARY_CONTENT), "stream": True},

@@ -5,20 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from service.app import create_app
 from service.redis_client import open_redis
 from service.store import ConversationRef
-from tests.conftest import CLIENT_KEY, OTHER_KEY, free_port, make_settings
+from tests.conftest import OTHER_KEY, free_port, make_settings, serve
 from tests.fake_gateway import FakeGateway
 from tests.redis_topologies import LocalCluster, LocalSentinel
 
@@ -48,25 +45,9 @@ def topology(request: pytest.FixtureRequest) -> Topology:
     return found
 
 
-@asynccontextmanager
-async def serve(redis_url: str, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(
-        make_settings(redis_url), gateway_transport=httpx.MockTransport(gateway.handle)
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://test",
-            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-        ) as http,
-    ):
-        yield http
-
-
 @pytest.fixture
 async def topo_client(topology: Topology, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(topology.url, gateway) as http:
+    async with serve(make_settings(topology.url), gateway) as http:
         yield http
 
 
@@ -285,7 +266,7 @@ async def test_sentinel_failover_after_the_primary_dies(
     sentinel_with_replica: LocalSentinel, gateway: FakeGateway
 ) -> None:
     topology = sentinel_with_replica
-    async with serve(topology.url, gateway) as client:
+    async with serve(make_settings(topology.url), gateway) as client:
         await turn(client, "failover", "before the failover")
         with topology.primaries()[0] as primary:
             assert primary.wait(1, 5000) == 1  # the replica has the turn before it is promoted
@@ -313,7 +294,7 @@ async def test_sentinel_failover_after_the_primary_dies(
 @pytest.mark.parametrize("scheme", ["redis+cluster", "redis+sentinel"])
 async def test_unreachable_topology_is_503(scheme: str, gateway: FakeGateway) -> None:
     url = f"{scheme}://127.0.0.1:{free_port()}" + ("/mymaster" if "sentinel" in scheme else "")
-    async with serve(url, gateway) as client:
+    async with serve(make_settings(url), gateway) as client:
         for response in (
             await client.post("/conversations/down/messages", json=user("hello")),
             await client.get("/conversations/down"),

@@ -8,17 +8,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from asgi_lifespan import LifespanManager
 from redis.asyncio import Connection, ConnectionPool, Redis
 
-from service.app import create_app
 from service.auth import Caller
 from service.chat import ChatService, TurnPolicy
 from service.config import Settings
 from service.gateway import GatewayClient
 from service.schemas import TurnCreate
 from service.store import ConversationRef, ConversationStore
-from tests.conftest import CLIENT_KEY, make_settings
+from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway, gateway_tokens
 
 
@@ -62,18 +60,7 @@ async def test_waiting_turn_times_out_with_409(
     redis_url: str, redis: Redis, gateway: FakeGateway
 ) -> None:
     gateway.hold = asyncio.Event()
-    app = create_app(
-        make_settings(redis_url, lock_wait_seconds=0.2),
-        gateway_transport=httpx.MockTransport(gateway.handle),
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://t",
-            headers={"Authorization": CLIENT_KEY},
-        ) as http,
-    ):
+    async with serve(make_settings(redis_url, lock_wait_seconds=0.2), gateway) as http:
         first = asyncio.create_task(http.post("/conversations/l/messages", json=user("first")))
         await wait_for(lambda: gateway.calls == 1)
         second = await http.post("/conversations/l/messages", json=user("second"))
@@ -160,17 +147,7 @@ async def test_a_turn_whose_lease_expired_cannot_write(
 ) -> None:
     """Fencing: once the lease is gone (a stalled replica), the commit is refused."""
     gateway.hold = asyncio.Event()
-    app = create_app(
-        make_settings(redis_url), gateway_transport=httpx.MockTransport(gateway.handle)
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://t",
-            headers={"Authorization": CLIENT_KEY},
-        ) as http,
-    ):
+    async with serve(make_settings(redis_url), gateway) as http:
         turn = asyncio.create_task(http.post("/conversations/fence/messages", json=user("late")))
         await wait_for(lambda: gateway.calls == 1)
         await redis.delete("conv:{acme:fence}:lock")  # the lease ran out; another turn may take it
@@ -184,18 +161,7 @@ async def test_gateway_timeout_is_504_and_frees_the_conversation(
     redis_url: str, redis: Redis, gateway: FakeGateway
 ) -> None:
     gateway.hold = asyncio.Event()
-    app = create_app(
-        make_settings(redis_url, gateway_timeout_seconds=0.2),
-        gateway_transport=httpx.MockTransport(gateway.handle),
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://t",
-            headers={"Authorization": CLIENT_KEY},
-        ) as http,
-    ):
+    async with serve(make_settings(redis_url, gateway_timeout_seconds=0.2), gateway) as http:
         response = await http.post("/conversations/slow/messages", json=user("a"))
         assert response.status_code == 504
         assert response.headers["content-type"] == "application/problem+json"
@@ -210,18 +176,7 @@ async def test_forwarded_array_fits_the_gateways_own_count(
     """The stand-in counts ~1 token per 3 characters (+7 per message); we estimate ~1 per 4
     (+4). After a few turns the correction keeps the array within budget by its count."""
     budget = 600
-    app = create_app(
-        make_settings(redis_url, token_budget=budget),
-        gateway_transport=httpx.MockTransport(gateway.handle),
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://t",
-            headers={"Authorization": CLIENT_KEY},
-        ) as http,
-    ):
+    async with serve(make_settings(redis_url, token_budget=budget), gateway) as http:
         for i in range(30):
             response = await http.post(
                 "/conversations/cal/messages", json=user(f"turn {i}: " + "lorem ipsum dolor " * 8)

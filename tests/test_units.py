@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-from asgi_lifespan import LifespanManager
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.config import Settings
 from service.errors import GatewayError
 from service.gateway import _error_text, parse_reply
 from service.streaming import StreamAssembler, completion_as_sse
-from tests.conftest import make_settings
+from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway
 
 
@@ -184,16 +181,9 @@ def test_completion_replays_as_chunks_the_assembler_understands() -> None:
 
 
 async def test_cors_preflight_for_allowed_origins(redis_url: str, gateway: FakeGateway) -> None:
-    app = create_app(
-        make_settings(redis_url, cors_origins="https://chat.example"),
-        gateway_transport=httpx.MockTransport(gateway.handle),
-    )
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://t"
-        ) as http,
-    ):
+    async with serve(
+        make_settings(redis_url, cors_origins="https://chat.example"), gateway, key=None
+    ) as http:
         allowed = await http.options(
             "/conversations/c/messages",
             headers={

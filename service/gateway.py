@@ -7,6 +7,7 @@ are logged, never echoed beyond the gateway's own error message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -128,6 +129,17 @@ def _error_text(body: bytes) -> str:
     return message
 
 
+async def _read_json(response: httpx.Response) -> Any:
+    try:
+        body = await response.aread()
+    finally:
+        await response.aclose()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError("the gateway's answer is not JSON") from exc
+
+
 def _retry_after_seconds(response: httpx.Response) -> float | None:
     raw = response.headers.get("retry-after")
     if raw is None:
@@ -176,46 +188,33 @@ class GatewayClient:
         """One completion: the gateway's JSON as it came, and the parsed reply."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._deadline():
                 response = await self._send(payload, client_key, request_id)
-                try:
-                    body = await response.aread()
-                finally:
-                    await response.aclose()
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
+                completion = await _read_json(response)
         finally:
             elapsed = time.perf_counter() - started
             metrics.UPSTREAM_LATENCY.observe(elapsed)
             annotate(upstream_ms=round(elapsed * 1000, 3))
-        try:
-            completion = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            log.warning("gateway answered with non-JSON body", extra={"bytes": len(body)})
-            raise GatewayError("the gateway's answer is not JSON") from exc
         return completion, parse_reply(completion)
 
     async def open_stream(
         self, payload: JSONObject, *, client_key: str | None, request_id: str
     ) -> UpstreamStream:
         """Start a streamed completion and check its status before anything reaches the client."""
+        async with self._deadline():
+            response = await self._send({**payload, "stream": True}, client_key, request_id)
+            if "text/event-stream" in response.headers.get("content-type", ""):
+                return UpstreamStream(response)
+            return UpstreamStream(response, completion=await _read_json(response))
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """GATEWAY_TIMEOUT_SECONDS over the whole call, retries included: 504 past it."""
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._send({**payload, "stream": True}, client_key, request_id)
-                content_type = response.headers.get("content-type", "")
-                if "text/event-stream" in content_type:
-                    return UpstreamStream(response)
-                try:
-                    body = await response.aread()
-                finally:
-                    await response.aclose()
+                yield
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
-        try:
-            completion = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise GatewayError("the gateway's answer is not JSON") from exc
-        return UpstreamStream(response, completion=completion)
 
     async def _send(
         self, payload: JSONObject, client_key: str | None, request_id: str

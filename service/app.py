@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 import aiohttp
-import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from httpx_aiohttp import AiohttpTransport
 
 from service import routes
 from service.auth import Authenticator
@@ -44,24 +42,21 @@ class State(TypedDict):
     lifecycle: Lifecycle
 
 
-def _gateway_transport(settings: Settings) -> httpx.AsyncBaseTransport:
-    """aiohttp under httpx's API: httpx's own pool is ~10x slower under concurrency (httpx#3215)."""
+def _gateway_session(settings: Settings) -> aiohttp.ClientSession:
+    """One pool for every gateway call. No total timeout here: GatewayClient applies
+    GATEWAY_TIMEOUT_SECONDS over a whole call, retries included."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.gateway_max_connections, keepalive_timeout=30, ttl_dns_cache=300
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.gateway_connect_timeout_seconds,
+        sock_read=settings.gateway_timeout_seconds,
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True)
 
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=settings.gateway_max_connections, keepalive_timeout=30, ttl_dns_cache=300
-        )
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
-    return AiohttpTransport(client=session)
-
-
-def create_app(
-    settings: Settings | None = None,
-    *,
-    gateway_transport: httpx.AsyncBaseTransport | None = None,
-    lifecycle: Lifecycle | None = None,
-) -> FastAPI:
+def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None = None) -> FastAPI:
     cfg = settings or get_settings()
     life = lifecycle or Lifecycle()
 
@@ -80,15 +75,8 @@ def create_app(
                 pool_timeout_seconds=cfg.redis_pool_timeout_seconds,
             )
             stack.push_async_callback(redis.aclose)
-            http = httpx.AsyncClient(
-                base_url=str(cfg.gateway_url).rstrip("/") + "/",
-                timeout=httpx.Timeout(
-                    cfg.gateway_timeout_seconds, connect=cfg.gateway_connect_timeout_seconds
-                ),
-                transport=gateway_transport or _gateway_transport(cfg),
-                follow_redirects=False,
-            )
-            await stack.enter_async_context(http)
+            session = _gateway_session(cfg)
+            stack.push_async_callback(session.close)
             store = ConversationStore(
                 redis,
                 cluster=cluster,
@@ -101,7 +89,8 @@ def create_app(
                 log.warning("redis not reachable at start-up")
             client_keys = cfg.client_keys()
             gateway = GatewayClient(
-                http,
+                session,
+                base_url=str(cfg.gateway_url),
                 api_key=cfg.gateway_api_key if client_keys else None,
                 timeout_seconds=cfg.gateway_timeout_seconds,
                 max_retries=cfg.gateway_max_retries,

@@ -71,8 +71,6 @@ def logging_config(level: str) -> dict[str, Any]:
             "uvicorn": {"handlers": [], "propagate": True},
             "uvicorn.error": {"handlers": [], "propagate": True},
             "uvicorn.access": {"handlers": [], "propagate": False},
-            # httpx logs every upstream call at INFO with its full URL: our access line covers it.
-            "httpx": {"level": "WARNING"},
         },
     }
 

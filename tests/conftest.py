@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.config import Settings
 from service.embedded_redis import EmbeddedRedis
-from tests.fake_gateway import FakeGateway
+from tests.fake_gateway import FakeGateway, serve_in_process
 
 # Real processes for end-to-end tests: gateway_process, replicas, spawn_replica, gateway_control.
 pytest_plugins = ["tests.processes"]
@@ -74,21 +74,28 @@ def gateway() -> FakeGateway:
     return FakeGateway()
 
 
+def with_gateway(settings: Settings, gateway_url: str) -> Settings:
+    return Settings.model_validate({**settings.model_dump(), "gateway_url": gateway_url})
+
+
 @asynccontextmanager
 async def serve(
     settings: Settings, gateway: FakeGateway, *, key: str | None = CLIENT_KEY
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The app over ASGI with its lifespan running, the stand-in gateway plugged in at the
-    transport, and a client sending `key` (none when None)."""
-    app = create_app(settings, gateway_transport=httpx.MockTransport(gateway.handle))
+    """The app over ASGI with its lifespan running, the stand-in gateway serving on loopback as
+    its GATEWAY_URL, and a client sending `key` (none when None)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://test", headers=headers
-        ) as http,
-    ):
-        yield http
+    async with serve_in_process(gateway) as gateway_url:
+        app = create_app(with_gateway(settings, gateway_url))
+        async with (
+            LifespanManager(app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app),
+                base_url="http://test",
+                headers=headers,
+            ) as http,
+        ):
+            yield http
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 It counts tokens its own way (characters / 3 plus 7 per message), unlike the service's estimator,
 so the token-correction logic is exercised for real. Scripted through data, never by patching.
-`handle` plugs into httpx.MockTransport; tests/gateway_server.py serves the same logic over HTTP.
+`serve_in_process` runs it on a loopback port inside the test's event loop (so tests can script
+it with asyncio events); tests/gateway_server.py serves the same logic from its own process.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
+from aiohttp import web
 
 
 def gateway_tokens(messages: list[dict[str, Any]]) -> int:
@@ -53,12 +55,10 @@ class FakeGateway:
     hold: asyncio.Event | None = None  # every call waits for this before answering
     calls: int = 0
 
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        body = orjson.loads(await request.aread())
-        status, headers, content = await self.respond(dict(request.headers), body)
-        if isinstance(content, bytes):
-            return httpx.Response(status, headers=headers, content=content)
-        return httpx.Response(status, headers=headers, content=content)
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp handler for POST /v1/chat/completions."""
+        status, headers, content = await self.respond(dict(request.headers), await request.json())
+        return await send(request, status, headers, content)
 
     async def respond(
         self, headers: dict[str, str], body: dict[str, Any]
@@ -149,7 +149,7 @@ class FakeGateway:
             )
             if index == 0:
                 if self.stream_fail_after_first:
-                    raise httpx.ReadError("upstream connection reset")
+                    raise ConnectionResetError("the stand-in drops the connection mid-stream")
                 if self.stream_gate is not None:
                     await self.stream_gate.wait()
         for i, call in enumerate(message.get("tool_calls") or []):
@@ -199,3 +199,42 @@ class FakeGateway:
             + b"\n\n"
         )
         yield b"data: [DONE]\n\n"
+
+
+async def send(
+    request: web.Request,
+    status: int,
+    headers: dict[str, str],
+    content: bytes | AsyncIterator[bytes],
+) -> web.StreamResponse:
+    """Write a FakeGateway answer: a whole body, or chunks as the iterator yields them."""
+    if isinstance(content, bytes):
+        return web.Response(status=status, headers=headers, body=content)
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    try:
+        async for chunk in content:
+            await response.write(chunk)
+    except ConnectionResetError:
+        assert request.transport is not None
+        request.transport.close()  # abort: the client sees the stream break off
+        return response
+    await response.write_eof()
+    return response
+
+
+@asynccontextmanager
+async def serve_in_process(gateway: FakeGateway) -> AsyncIterator[str]:
+    """Serve `gateway` on a free loopback port; yields its base URL (…/v1)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", gateway.handle)
+    # Short shutdown: a call a test left held (an event never set) is cancelled, not awaited.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}/v1"
+    finally:
+        await runner.cleanup()

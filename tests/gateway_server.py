@@ -13,13 +13,9 @@ import sys
 from typing import Any
 
 import orjson
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from aiohttp import web
 
-from tests.fake_gateway import FakeGateway
+from tests.fake_gateway import FakeGateway, send
 
 
 class GatewayServer:
@@ -27,55 +23,61 @@ class GatewayServer:
         self.fake = FakeGateway()
         self.delay_seconds = 0.0
 
-    async def completions(self, request: Request) -> Response:
-        body = orjson.loads(await request.body())
-        status, headers, content = await self.fake.respond(dict(request.headers), body)
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        status, headers, content = await self.fake.respond(
+            dict(request.headers), await request.json()
+        )
         if (
             self.delay_seconds
         ):  # a slow gateway (after recording the call), not test synchronisation
             await asyncio.sleep(self.delay_seconds)
-        if isinstance(content, bytes):
-            return Response(content, status_code=status, headers=headers)
-        return StreamingResponse(content, status_code=status, headers=headers)
+        return await send(request, status, headers, content)
 
-    async def received(self, _request: Request) -> Response:
-        return Response(
-            orjson.dumps({"received": self.fake.received, "headers": self.fake.received_headers}),
-            media_type="application/json",
+    async def received(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(
+                {"received": self.fake.received, "headers": self.fake.received_headers}
+            ),
+            content_type="application/json",
         )
 
-    async def configure(self, request: Request) -> Response:
-        config: dict[str, Any] = orjson.loads(await request.body())
+    async def configure(self, request: web.Request) -> web.Response:
+        config: dict[str, Any] = orjson.loads(await request.read())
         if "delay_seconds" in config:
             self.delay_seconds = float(config.pop("delay_seconds"))
         if config.pop("hold", False):
             self.fake.hold = asyncio.Event()
         for name, value in config.items():
             setattr(self.fake, name, value)
-        return Response(status_code=204)
+        return web.Response(status=204)
 
-    async def release(self, _request: Request) -> Response:
+    async def release(self, _request: web.Request) -> web.Response:
         if self.fake.hold is not None:
             self.fake.hold.set()
             self.fake.hold = None
-        return Response(status_code=204)
+        return web.Response(status=204)
 
-    async def reset(self, _request: Request) -> Response:
+    async def reset(self, _request: web.Request) -> web.Response:
         self.fake = FakeGateway()
         self.delay_seconds = 0.0
-        return Response(status_code=204)
+        return web.Response(status=204)
 
-    def app(self) -> Starlette:
-        return Starlette(
-            routes=[
-                Route("/v1/chat/completions", self.completions, methods=["POST"]),
-                Route("/_received", self.received, methods=["GET"]),
-                Route("/_config", self.configure, methods=["POST"]),
-                Route("/_release", self.release, methods=["POST"]),
-                Route("/_reset", self.reset, methods=["POST"]),
-            ]
-        )
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.completions)
+        app.router.add_get("/_received", self.received)
+        app.router.add_post("/_config", self.configure)
+        app.router.add_post("/_release", self.release)
+        app.router.add_post("/_reset", self.reset)
+        return app
 
 
 if __name__ == "__main__":
-    uvicorn.run(GatewayServer().app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    web.run_app(
+        GatewayServer().app(),
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        print=None,
+        shutdown_timeout=1,
+    )

@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import CLIENT_KEY, free_port
-from tests.fake_gateway import Failure, FakeGateway
+from tests.conftest import CLIENT_KEY, free_port, with_gateway
+from tests.fake_gateway import Failure, FakeGateway, serve_in_process
 from tests.test_turns import eventually, wait_for
 
 QUESTION = "Tell me a story about a lighthouse keeper"
@@ -27,19 +27,20 @@ def streamed(text: str = QUESTION, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def live(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, gateway_transport=httpx.MockTransport(gateway.handle))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: server.started)
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}",
-        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-        timeout=10,
-    ) as http:
-        yield http
-    server.should_exit = True
-    await task
+    async with serve_in_process(gateway) as gateway_url:
+        app = create_app(with_gateway(settings, gateway_url))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+        task = asyncio.create_task(server.serve())
+        await wait_for(lambda: server.started)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+            timeout=10,
+        ) as http:
+            yield http
+        server.should_exit = True
+        await task
 
 
 def events_of(text: str) -> list[tuple[str | None, str]]:

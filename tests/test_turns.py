@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -17,7 +18,7 @@ from service.gateway import GatewayClient
 from service.schemas import TurnCreate
 from service.store import ConversationRef, ConversationStore
 from tests.conftest import make_settings, serve
-from tests.fake_gateway import FakeGateway, gateway_tokens
+from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
 
 
 def user(text: str) -> dict[str, Any]:
@@ -249,13 +250,12 @@ async def test_an_uncontended_turn_costs_two_round_trips(
         counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
     )
     await store.load_scripts()
-    async with httpx.AsyncClient(
-        transport=httpx.MockTransport(gateway.handle), base_url="http://gw/v1/"
-    ) as http:
+    async with serve_in_process(gateway) as gateway_url, aiohttp.ClientSession() as session:
         chat = ChatService(
             store,
             GatewayClient(
-                http,
+                session,
+                base_url=gateway_url,
                 api_key=settings.gateway_api_key,
                 timeout_seconds=5,
                 max_retries=0,

@@ -10,7 +10,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -85,13 +85,34 @@ class _Turn:
     payload: JSONObject
     raw_estimate: int  # the forwarded array, in local estimate units
     new_messages: list[JSONObject]
-    renewal: asyncio.Task[None]
+    renewal: Renewal
 
 
 def fingerprint(turn: TurnCreate) -> str:
     """The request body, canonical, without `stream`: a replay may ask for either form."""
     body = turn.model_dump(mode="json", exclude={"stream"}, exclude_unset=True)
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Renewal:
+    """A turn's lease renewal: a timer until the first renewal is due, a task from then on.
+
+    Most turns end long before a third of the lease, so they cost one timer handle, cancelled
+    cheaply, rather than a task that is started, parked and cancelled (measured by make bench)."""
+
+    __slots__ = ("_handle", "_task")
+
+    def __init__(self, delay: float, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._handle = asyncio.get_running_loop().call_later(delay, self._fire, start)
+
+    def _fire(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._task = asyncio.ensure_future(start())
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 class ChatService:
@@ -237,7 +258,7 @@ class ChatService:
         if isinstance(begun, Replay):
             metrics.TURNS.labels("replayed").inc()
             return begun
-        renewal = asyncio.create_task(self._renew(ref, lock_value, lease_ms))
+        renewal = Renewal(lease_ms / 3000, lambda: self._renew(ref, lock_value, lease_ms))
         try:
             return self._plan(ref, request, begun, lock_value, idempotency, new_wire, renewal)
         except BaseException:
@@ -253,7 +274,7 @@ class ChatService:
         lock_value: str,
         idempotency: Idempotency | None,
         new_wire: list[JSONObject],
-        renewal: asyncio.Task[None],
+        renewal: Renewal,
     ) -> _Turn:
         meta = begun.meta
         model = request.model or (meta.model if meta else None) or self._policy.default_model
@@ -331,8 +352,9 @@ class ChatService:
         cleanup never ran (a stream the server never started) cannot hold its conversation forever.
         """
         interval = lease_ms / 3000
-        for _ in range(math.ceil((self._policy.turn_seconds + lease_ms / 1000) / interval)):
-            await asyncio.sleep(interval)
+        for n in range(math.ceil((self._policy.turn_seconds + lease_ms / 1000) / interval)):
+            if n:  # the first interval went by on the Renewal's timer
+                await asyncio.sleep(interval)
             try:
                 if not await self._store.renew(ref, lock_value, lease_ms):
                     return

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import orjson
+from pydantic import TypeAdapter
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
@@ -36,6 +37,9 @@ from service.errors import StoreUnavailable
 from service.models import ConversationMeta, ConversationSummary, Message
 
 RedisClient = Redis | RedisCluster
+_WINDOW: TypeAdapter[list[Message]] = TypeAdapter(list[Message])  # one parse for a whole window
+# Other replicas' token-estimate corrections are read at most this often (with a turn's window).
+FACTORS_REFRESH_SECONDS = 1.0
 RedisError = _RedisError
 CALIBRATION_KEY = "conv:calibration"
 T = TypeVar("T")
@@ -154,6 +158,7 @@ class ConversationStore:
         }
         self._sha: dict[str, str] = {}
         self._factors: dict[str, float] = {}
+        self._factors_read = -FACTORS_REFRESH_SECONDS
 
     async def load_scripts(self) -> None:
         for name, source in self._sources.items():
@@ -241,11 +246,18 @@ class ConversationStore:
             pipe.evalsha(self._sha["BEGIN_TURN"], len(keys), *keys, *args)
             pipe.hgetall(CALIBRATION_KEY)
 
-        answer, factors = await self._pipeline(fill)
-        self._factors.update({_text(k): float(v) for k, v in factors.items()})
+        now = time.monotonic()
+        if now - self._factors_read >= FACTORS_REFRESH_SECONDS:
+            answer, factors = await self._pipeline(fill)
+            self._factors.update({_text(k): float(v) for k, v in factors.items()})
+            self._factors_read = now
+        else:  # the shared corrections are under a second old: the script alone
+            answer = await self._script("BEGIN_TURN", keys, args)
         kind = _text(answer[0])
         if kind == "ok":
-            window = [Message.model_validate_json(item) for item in reversed(answer[3])]
+            items = answer[3]  # newest first
+            items.reverse()
+            window = _WINDOW.validate_json(b"[" + b",".join(items) + b"]")
             return Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
         if kind == "replay":
             body = answer[1]
@@ -302,10 +314,12 @@ class ConversationStore:
 
         def fill(pipe: Any) -> None:
             pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, *args)
-            if factor is not None:
-                pipe.hset(CALIBRATION_KEY, model, repr(factor))
+            pipe.hset(CALIBRATION_KEY, model, repr(factor))
 
-        answer = (await self._pipeline(fill))[0]
+        if factor is not None and factor != self._factors.get(model):
+            answer = (await self._pipeline(fill))[0]
+        else:  # an unchanged correction needs no write: the script alone
+            answer = await self._script("COMMIT_TURN", keys, args)
         outcome = _text(answer[0])
         if outcome == "ok" and self._cluster:
             await self._call(lambda: self._redis.zadd(ref.index_key, {ref.id: now}))

@@ -143,10 +143,7 @@ class Bench:
             "TOKEN_BUDGET": str(TOKEN_BUDGET),
             "DEFAULT_MODEL": MODEL,
         }
-        entry = ["-m", "service"]
-        if self.args.ignore_sigpipe:  # service/__main__.py resets SIGPIPE to SIG_DFL
-            entry = ["-c", "from service.__main__ import main; main()"]
-        argv = pinned(SERVICE_CORE, [sys.executable, *entry])
+        argv = pinned(SERVICE_CORE, [sys.executable, "-m", "service"])
         proc = self.start(Proc(name, argv, log_dir=self.workdir, env=env, cwd=ROOT))
         wait_http(proc, port, "/readyz", timeout=30)
         self.target = proc
@@ -516,11 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM baseline")
     parser.add_argument("--profile", action="store_true", help="py-spy the 32-connection load")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
-    parser.add_argument(
-        "--ignore-sigpipe",
-        action="store_true",
-        help="start the service through service.__main__.main(), leaving SIGPIPE ignored",
-    )
     args = parser.parse_args(argv)
 
     info = machine()

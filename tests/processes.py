@@ -49,15 +49,6 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Poll `condition` until it holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL_SECONDS)
-
-
 @dataclass
 class ManagedProcess:
     """A child process listening on 127.0.0.1:port, its output in `log_path`."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from tests.polling import wait_until
+
+_NOT_YET = (redis.RedisError, OSError)  # a server still starting, or a topology still settling
 
 CLUSTER_SLOTS = 16384
 SENTINEL_MASTER = "mymaster"
@@ -33,20 +35,6 @@ def server_binary() -> str:
     if found is None:
         raise RuntimeError("redis-server (7.0 or later) is not on PATH")
     return found
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_seconds: float = 20.0) -> None:
-    """Poll `condition` until it holds; errors while polling count as "not yet"."""
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        try:
-            if condition():
-                return
-        except (redis.RedisError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class _Server:
@@ -88,7 +76,7 @@ class _Server:
             with self.client() as conn:
                 return bool(conn.ping())
 
-        wait_for(answers, f"redis-server on port {self.port}")
+        wait_until(answers, what=f"redis-server on port {self.port}", ignore=_NOT_YET)
 
     def stop(self) -> None:
         if self.process is None:
@@ -164,7 +152,7 @@ class LocalCluster:
                         return False
             return True
 
-        wait_for(formed, "cluster_state:ok on every node")
+        wait_until(formed, what="cluster_state:ok on every node", ignore=_NOT_YET)
 
     def primaries(self) -> list[redis.Redis]:
         return [node.client() for node in self.nodes]
@@ -194,9 +182,10 @@ class LocalCluster:
         for index in (target, source, *range(self.size)):
             with self.nodes[index].client() as conn:
                 conn.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
-        wait_for(
+        wait_until(
             lambda: all(self.owner(slot, seen_by=i) == target for i in range(self.size)),
-            "every node to agree on the moved slot",
+            what="every node to agree on the moved slot",
+            ignore=_NOT_YET,
         )
 
     def flushall(self) -> None:
@@ -245,7 +234,9 @@ class LocalSentinel:
                 )
                 self.replicas.append(replica)
                 replica.wait_ready()
-            wait_for(self._replicas_linked, "replicas to sync with the primary")
+            wait_until(
+                self._replicas_linked, what="replicas to sync with the primary", ignore=_NOT_YET
+            )
             self.sentinel = _Server(
                 self.directory / "sentinel",
                 free_port(),
@@ -257,8 +248,12 @@ class LocalSentinel:
                 sentinel=True,
             )
             self.sentinel.wait_ready()
-            wait_for(self._master_seen, f"sentinel to see {self.master_name} up")
-            wait_for(self._replicas_seen, "sentinel to discover the replicas")
+            wait_until(
+                self._master_seen, what=f"sentinel to see {self.master_name} up", ignore=_NOT_YET
+            )
+            wait_until(
+                self._replicas_seen, what="sentinel to discover the replicas", ignore=_NOT_YET
+            )
         except BaseException:
             self.stop()
             raise
@@ -303,7 +298,7 @@ class LocalSentinel:
             with self._server(port).client() as conn:
                 return bool(conn.info("replication").get("role") == "master")
 
-        wait_for(promoted, "the Sentinel to promote a replica")
+        wait_until(promoted, what="the Sentinel to promote a replica", ignore=_NOT_YET)
         return self.primary_port()
 
     def _server(self, port: int) -> _Server:

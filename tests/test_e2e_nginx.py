@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.polling import wait_until
 from tests.processes import (
     E2E_CLIENT_KEY,
     GatewayControl,
@@ -28,7 +29,6 @@ from tests.processes import (
     ManagedProcess,
     Replica,
     free_port,
-    wait_until,
 )
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from service.store import ConversationRef
+from tests.polling import eventually
 from tests.processes import (
     E2E_CLIENT_KEY,
     E2E_LOCK_TTL_SECONDS,
@@ -62,17 +63,6 @@ async def stored_messages(
         if not page["has_more"]:
             return messages
         params["before"] = page["messages"][0]["seq"]
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], *, what: str, timeout: float = WAIT_SECONDS
-) -> None:
-    """Poll `condition` until it holds, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def assert_turns_adjacent(messages: list[Json]) -> None:

@@ -16,7 +16,7 @@ from service.app import create_app
 from service.config import Settings
 from tests.conftest import CLIENT_KEY, free_port, with_gateway
 from tests.fake_gateway import Failure, FakeGateway, serve_in_process
-from tests.test_turns import eventually, wait_for
+from tests.polling import eventually
 
 QUESTION = "Tell me a story about a lighthouse keeper"
 
@@ -32,7 +32,7 @@ async def live(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
         task = asyncio.create_task(server.serve())
-        await wait_for(lambda: server.started)
+        await eventually(lambda: server.started, what="the server to start")
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}",
             headers={"Authorization": f"Bearer {CLIENT_KEY}"},
@@ -109,8 +109,12 @@ async def test_client_that_leaves_stores_nothing_and_frees_the_conversation(
     gateway.stream_gate = asyncio.Event()
     async with live.stream("POST", "/conversations/gone/messages", json=streamed()) as response:
         await anext(response.aiter_lines())
+
     # The client closed its connection mid-stream: the lease goes at once, not after its TTL.
-    await eventually(lambda: redis.exists("conv:{acme:gone}:lock"), expect=0)
+    async def released() -> bool:
+        return not await redis.exists("conv:{acme:gone}:lock")
+
+    await eventually(released, what="the lease to be released")
     assert await redis.llen("conv:{acme:gone}:log") == 0
     gateway.stream_gate = None
     again = await live.post(

@@ -19,19 +19,11 @@ from service.schemas import TurnCreate
 from service.store import ConversationRef, ConversationStore
 from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
+from tests.polling import eventually
 
 
 def user(text: str) -> dict[str, Any]:
     return {"message": {"role": "user", "content": text}}
-
-
-async def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    """Poll a condition with a deadline (never a fixed sleep hoping something finished)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 async def test_concurrent_turns_are_serialized(
@@ -63,7 +55,7 @@ async def test_waiting_turn_times_out_with_409(
     gateway.hold = asyncio.Event()
     async with serve(make_settings(redis_url, lock_wait_seconds=0.2), gateway) as http:
         first = asyncio.create_task(http.post("/conversations/l/messages", json=user("first")))
-        await wait_for(lambda: gateway.calls == 1)
+        await eventually(lambda: gateway.calls == 1, what="the call to reach the gateway")
         second = await http.post("/conversations/l/messages", json=user("second"))
         assert second.status_code == 409
         assert second.headers["retry-after"] == "1"
@@ -110,7 +102,7 @@ async def test_concurrent_duplicates_make_one_call(
         )
         for _ in range(10)
     ]
-    await wait_for(lambda: gateway.calls == 1)
+    await eventually(lambda: gateway.calls == 1, what="the call to reach the gateway")
     gateway.hold.set()
     responses = await asyncio.gather(*tasks)
     assert gateway.calls == 1
@@ -150,7 +142,7 @@ async def test_a_turn_whose_lease_expired_cannot_write(
     gateway.hold = asyncio.Event()
     async with serve(make_settings(redis_url), gateway) as http:
         turn = asyncio.create_task(http.post("/conversations/fence/messages", json=user("late")))
-        await wait_for(lambda: gateway.calls == 1)
+        await eventually(lambda: gateway.calls == 1, what="the call to reach the gateway")
         await redis.delete("conv:{acme:fence}:lock")  # the lease ran out; another turn may take it
         gateway.hold.set()
         response = await turn
@@ -220,15 +212,6 @@ async def test_a_long_history_is_read_only_as_far_as_the_window(
     assert response.json()["conversation"]["context"]["dropped_messages"] == 10_000 - forwarded + 1
     # Redis sent about the window (and this test's INFO), not the 2 MB history.
     assert after - before < 60 * forwarded * 4 + 20_000 < stored_bytes / 10
-
-
-async def eventually(probe: Any, *, expect: object, timeout: float = 5.0) -> None:
-    """Poll an async probe until it returns `expect`, with a deadline."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (value := await probe()) != expect:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"still {value!r}, expected {expect!r}")
-        await asyncio.sleep(0.005)
 
 
 class CountingConnection(Connection):

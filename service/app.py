@@ -88,6 +88,11 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
             except Exception:  # Redis may come later: /readyz says so, requests get 503
                 log.warning("redis not reachable at start-up")
             client_keys = cfg.client_keys()
+            if cfg.gateway_api_key is not None and not client_keys:
+                log.warning(
+                    "GATEWAY_API_KEY is unused without API_KEYS: pass-through mode "
+                    "forwards each caller's own key"
+                )
             gateway = GatewayClient(
                 session,
                 base_url=str(cfg.gateway_url),

@@ -130,10 +130,11 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
         version="0.1.0",
         lifespan=lifespan,
         description="A stateful conversation proxy in front of an LLM gateway.",
+        strict_content_type=False,  # no Content-Type: read as JSON (others get 415 first)
     )
     app.include_router(routes.router)
     app.include_router(routes.ops)
-    install_error_handlers(app)
+    install_error_handlers(app, [*routes.router.routes, *routes.ops.routes])
     origins = cfg.cors_origin_list()
     if origins:
         app.add_middleware(

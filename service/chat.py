@@ -185,13 +185,17 @@ class ChatService:
             else:
                 assembler = StreamAssembler()
                 deadline = upstream.started + self._policy.turn_seconds
+                finished = False
                 async for data in upstream.data_lines():
                     if data == "[DONE]":
+                        finished = True
                         break
                     if time.perf_counter() > deadline:
                         raise GatewayTimeout(f"the stream ran past {self._policy.turn_seconds:g} s")
                     assembler.add(orjson.loads(data))
                     yield b"data: " + data.encode() + b"\n\n"
+                if not (finished or assembler.finished):
+                    raise GatewayError("the gateway's stream ended before the answer did")
                 completion = assembler.completion()
                 elapsed = time.perf_counter() - upstream.started
                 metrics.UPSTREAM_LATENCY.observe(elapsed)
@@ -379,6 +383,7 @@ class ChatService:
                 content=wire.get("content"),
                 tool_calls=wire.get("tool_calls"),
                 tool_call_id=wire.get("tool_call_id"),
+                cache_control=wire.get("cache_control"),
                 name=wire.get("name"),
                 created_at=now,
             )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 log = logging.getLogger("service")
 
@@ -152,7 +155,20 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def _allowed_methods(routes: Sequence[BaseRoute], path: str) -> list[str]:
+    return sorted(
+        {
+            method
+            for route in routes
+            if isinstance(route, APIRoute) and route.path_regex.match(path)
+            for method in route.methods or ()
+        }
+    )
+
+
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
+    """Problem+json for every error; `routes` are the app's own, for 405's Allow header."""
+
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(
@@ -169,12 +185,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(422, "Invalid request", _validation_detail(exc), "invalid-request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 400:  # FastAPI could not read the body as JSON at all
+            return problem_response(
+                400, "Malformed JSON", "the body is not valid JSON", "malformed-json"
+            )
+        if exc.status_code == 413:
+            return problem_response(413, "Payload too large", str(exc.detail), "payload-too-large")
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
+        titles = {404: "Not found", 405: "Method not allowed"}
         title = titles.get(exc.status_code, "HTTP error")
-        return problem_response(
-            exc.status_code, title, str(exc.detail), headers=dict(exc.headers or {})
-        )
+        return problem_response(exc.status_code, title, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

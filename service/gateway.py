@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -63,7 +64,9 @@ class UpstreamStream:
             async for raw in self.response.content:
                 if raw.startswith(b"data:"):
                     yield raw[5:].strip().decode()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except TimeoutError as exc:  # no chunk within the time limit (aiohttp's sock_read)
+            raise GatewayTimeout("the gateway's stream stalled") from exc
+        except aiohttp.ClientError as exc:
             raise GatewayError(f"the gateway's stream broke off ({type(exc).__name__})") from exc
 
     async def aclose(self) -> None:
@@ -153,12 +156,18 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
 
 
 def _retry_after_seconds(raw: str | None) -> float | None:
+    """Retry-After as seconds, from either of its forms: delay-seconds or an HTTP date."""
     if raw is None:
         return None
     try:
         return max(0.0, float(raw))
     except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
         return None
+    return max(0.0, float(when.timestamp()) - time.time())
 
 
 class GatewayClient:

@@ -19,7 +19,17 @@ from service.logs import begin_request
 
 log = logging.getLogger("service.access")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A client's id is kept if it is visible ASCII of sensible length (it goes into logs and upstream).
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def _json_or_unset(headers: dict[bytes, bytes]) -> bool:
+    """No Content-Type (read as JSON), application/json, or any +json type."""
+    content_type = headers.get(b"content-type")
+    if content_type is None:
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
 
 
 class BodyTooLarge(HTTPException):
@@ -76,6 +86,15 @@ class RequestMiddleware:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise BodyTooLarge(self.max_body_bytes)
+            if scope["method"] in ("POST", "PUT") and not _json_or_unset(headers):
+                await self._problem(
+                    send_wrapper,
+                    415,
+                    "Unsupported media type",
+                    "send the body as application/json",
+                    "unsupported-media-type",
+                )
+                return
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
             if response_started:

@@ -33,6 +33,7 @@ class Message(BaseModel):
     tool_calls: list[JSONObject] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    cache_control: JSONObject | None = None  # prompt caching: kept, so every later turn sends it
     created_at: float
 
     def to_wire(self) -> JSONObject:
@@ -44,6 +45,8 @@ class Message(BaseModel):
             wire["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             wire["name"] = self.name
+        if self.cache_control is not None:
+            wire["cache_control"] = self.cache_control
         return wire
 
 

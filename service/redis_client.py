@@ -14,7 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from service.store import RedisClient
 
@@ -35,6 +35,13 @@ class _SentinelPrimary(Redis):
         finally:
             if self.owned_sentinel is not None:
                 await self.owned_sentinel.aclose()
+
+
+def _reconnect() -> Retry:
+    """Retry a command once or twice on a fresh connection when its pooled one is dead (Redis
+    restarted or failed over), instead of failing the request. Safe for our scripts: a retried
+    begin finds its own lease, a retried commit finds its own turn already stored."""
+    return Retry(ExponentialBackoff(cap=0.1, base=0.01), 2)
 
 
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
@@ -96,7 +103,11 @@ def open_redis(
         )
         db = int(path[1]) if len(path) > 1 else 0
         primary: _SentinelPrimary = sentinel.master_for(
-            path[0], redis_class=_SentinelPrimary, db=db, max_connections=pool_size
+            path[0],
+            redis_class=_SentinelPrimary,
+            db=db,
+            max_connections=pool_size,
+            retry=_reconnect(),
         )
         primary.owned_sentinel = sentinel
         return primary, False
@@ -107,5 +118,6 @@ def open_redis(
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
         health_check_interval=HEALTH_CHECK_SECONDS,
+        retry=_reconnect(),
     )
     return Redis.from_pool(pool), False  # from_pool: closing the client closes the pool

@@ -19,7 +19,8 @@ if #KEYS == 4 then
   end
 end
 local holder = redis.call('GET', KEYS[3])
-if holder then
+-- Our own value: a client-side retry of an attempt that did take the lease.
+if holder and holder ~= ARGV[1] then
   local pttl = redis.call('PTTL', KEYS[3])
   if #KEYS == 4 then
     local _, _, held_key, held_fp = string.find(holder, '^[^\n]*\n([^\n]*)\n(.*)$')

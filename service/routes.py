@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Annotated
 
 import orjson
@@ -195,6 +196,8 @@ def _decode_cursor(raw: str) -> tuple[float, str]:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         score, _, conversation_id = text.partition("|")
+        if not math.isfinite(float(score)):
+            raise ValueError("not a finite score")
         return float(score), conversation_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidRequest("cursor is not one this service returned") from exc

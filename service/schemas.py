@@ -23,6 +23,14 @@ CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_METADATA_BYTES = 16 * 1024
 
 
+def _encodable(value: Any) -> bytes:
+    """JSON allows lone surrogates (`"\\ud800"`) that no UTF-8 store or upstream accepts."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from exc
+
+
 def timestamp(epoch_seconds: float) -> datetime:
     return datetime.fromtimestamp(epoch_seconds, tz=UTC)
 
@@ -123,6 +131,7 @@ class TurnCreate(BaseModel):
             raise ValueError("'messages' must not be empty")
         if new[-1].role not in ("user", "tool"):
             raise ValueError("the last new message must be a user or tool message")
+        _encodable(self.model_dump(mode="json"))
         return self
 
     @field_validator("temperature", "top_p", mode="before")
@@ -162,8 +171,15 @@ class ConversationUpdate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+        if value is not None and len(_encodable(value)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes")
+        return value
+
+    @field_validator("system", "model")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None:
+            _encodable(value)
         return value
 
 

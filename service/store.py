@@ -26,6 +26,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
     TryAgainError,
@@ -42,6 +44,8 @@ _WINDOW: TypeAdapter[list[Message]] = TypeAdapter(list[Message])  # one parse fo
 FACTORS_REFRESH_SECONDS = 1.0
 RedisError = _RedisError
 CALIBRATION_KEY = "conv:calibration"
+# Error replies that mean "not now" rather than "wrong": persistence failing, a replica promoted.
+_TRANSIENT_REPLIES = ("MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY")
 T = TypeVar("T")
 
 
@@ -185,7 +189,15 @@ class ConversationStore:
             raise StoreUnavailable(
                 f"Redis Cluster unavailable ({type(exc).__name__})", headers={"Retry-After": "1"}
             ) from exc
-        except ResponseError:
+        except (ReadOnlyError, OutOfMemoryError) as exc:  # a failover under way, or Redis full
+            raise StoreUnavailable(
+                f"Redis cannot write now ({type(exc).__name__})", headers={"Retry-After": "1"}
+            ) from exc
+        except ResponseError as exc:
+            if str(exc).startswith(_TRANSIENT_REPLIES):
+                raise StoreUnavailable(
+                    "Redis cannot serve now", headers={"Retry-After": "1"}
+                ) from exc
             raise
         except _RedisError as exc:
             raise StoreUnavailable(

@@ -69,6 +69,11 @@ class StreamAssembler:
         if isinstance(function.get("arguments"), str):
             current["function"]["arguments"] += function["arguments"]
 
+    @property
+    def finished(self) -> bool:
+        """A finish_reason arrived: the answer is whole even if `[DONE]` never comes."""
+        return self._finish_reason is not None
+
     def completion(self) -> JSONObject:
         """The stream as the completion a non-streamed call would have returned."""
         message: JSONObject = {"role": "assistant", "content": "".join(self._content)}

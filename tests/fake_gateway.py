@@ -52,6 +52,7 @@ class FakeGateway:
     chunk_size: int = 4  # characters per streamed delta
     stream_gate: asyncio.Event | None = None  # streaming pauses after the first chunk until set
     stream_fail_after_first: bool = False  # cut the stream after the first chunk
+    stream_end_after_first: bool = False  # end it cleanly after the first chunk, unfinished
     hold: asyncio.Event | None = None  # every call waits for this before answering
     calls: int = 0
 
@@ -150,6 +151,8 @@ class FakeGateway:
             if index == 0:
                 if self.stream_fail_after_first:
                     raise ConnectionResetError("the stand-in drops the connection mid-stream")
+                if self.stream_end_after_first:
+                    return
                 if self.stream_gate is not None:
                     await self.stream_gate.wait()
         for i, call in enumerate(message.get("tool_calls") or []):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import httpx
@@ -187,6 +188,21 @@ BAD_INPUTS: list[tuple[str, str, bytes | None, dict[str, Any] | None, int]] = [
         },
         422,
     ),
+    (
+        "a lone surrogate in the content",
+        "/conversations/c/messages",
+        b'{"message": {"role": "user", "content": "\\ud800"}}',
+        None,
+        422,
+    ),
+    (
+        "a lone surrogate in an extra parameter",
+        "/conversations/c/messages",
+        b'{"message": {"role": "user", "content": "a"}, "user": "\\udfff"}',
+        None,
+        422,
+    ),
+    ("body that is not UTF-8", "/conversations/c/messages", b"\xff\xfe{", None, 400),
     ("bad id character", "/conversations/bad!id/messages", None, user("a"), 422),
     ("id starting with a dot", "/conversations/.hidden/messages", None, user("a"), 422),
     ("id too long", "/conversations/" + "a" * 129 + "/messages", None, user("a"), 422),
@@ -616,3 +632,68 @@ async def test_an_idempotency_key_too_long_is_422(client: httpx.AsyncClient, red
     assert response.status_code == 422
     assert response.headers["content-type"] == PROBLEM
     assert await stored_keys(redis) == []
+
+
+async def test_surrogates_in_settings_are_422(client: httpx.AsyncClient, redis: Redis) -> None:
+    for body in (b'{"system": "\\ud800"}', b'{"metadata": {"a": "\\ud800"}}'):
+        response = await client.put(
+            "/conversations/s", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422
+        assert response.headers["content-type"] == PROBLEM
+    assert await stored_keys(redis) == []
+
+
+async def test_a_body_that_is_not_json_is_415(client: httpx.AsyncClient, redis: Redis) -> None:
+    response = await client.post(
+        "/conversations/c/messages",
+        content=b'{"message": {"role": "user", "content": "a"}}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    assert response.headers["content-type"] == PROBLEM
+    assert "x-request-id" in response.headers
+    assert await stored_keys(redis) == []
+    untyped = await client.post(
+        "/conversations/c/messages", content=b'{"message": {"role": "user", "content": "a"}}'
+    )
+    assert untyped.status_code == 200  # no Content-Type at all is read as JSON
+
+
+async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.patch("/conversations/x")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) == {"GET", "PUT", "DELETE"}
+    messages = await client.patch("/conversations/x/messages")
+    assert set(messages.headers["allow"].split(", ")) == {"GET", "POST"}
+
+
+async def test_a_forged_cursor_is_422(client: httpx.AsyncClient) -> None:
+    for score in ("nan", "inf", "x"):
+        cursor = base64.urlsafe_b64encode(f"{score}|a".encode()).decode().rstrip("=")
+        response = await client.get(f"/conversations?cursor={cursor}")
+        assert response.status_code == 422, score
+
+
+async def test_client_request_ids_are_kept(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz", headers={"X-Request-ID": "trace/7f;span=2"})
+    assert response.headers["x-request-id"] == "trace/7f;span=2"
+
+
+async def test_cache_control_is_kept_for_later_turns(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    marked = {"role": "user", "content": "long document", "cache_control": {"type": "ephemeral"}}
+    await client.post("/conversations/cc/messages", json={"message": marked})
+    await client.post("/conversations/cc/messages", json=user("and?"))
+    assert gateway.received[1]["messages"][0] == marked
+
+
+async def test_dead_pooled_connections_are_replaced_without_a_503(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    assert (await client.post("/conversations/r/messages", json=user("a"))).status_code == 200
+    await redis.client_kill_filter(_type="normal", skipme=True)  # as a Redis restart would
+    after = await client.post("/conversations/r/messages", json=user("b"))
+    assert after.status_code == 200
+    assert after.json()["conversation"]["message_count"] == 4

@@ -207,3 +207,14 @@ async def test_idempotent_retry_of_a_streamed_turn_replays_it(
     assert as_json.headers["idempotent-replayed"] == "true"
     assert as_json.json()["choices"][0]["message"]["content"] == f"reply to: {QUESTION}"
     assert gateway.calls == 1
+
+
+async def test_a_stream_that_ends_before_the_answer_stores_nothing(
+    live: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    gateway.stream_end_after_first = True  # no finish_reason, no [DONE]: an answer cut short
+    response = await live.post("/conversations/cut/messages", json=streamed())
+    events = events_of(response.text)
+    assert events[-1][0] == "error"
+    assert orjson.loads(events[-1][1])["error"]["status"] == 502
+    assert await redis.llen("conv:{acme:cut}:log") == 0

@@ -273,7 +273,10 @@ class GatewayClient:
                 await self._backoff(attempt, retry_after)
                 attempt += 1
                 continue
-            raise self._error(status, error_body, retry_after)
+            rate_limits = {
+                k: v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit-")
+            }
+            raise self._error(status, error_body, retry_after, rate_limits)
 
     async def _backoff(self, attempt: int, retry_after: float | None) -> None:
         if retry_after is not None:
@@ -283,7 +286,9 @@ class GatewayClient:
         metrics.UPSTREAM_RETRIES.inc()
         await asyncio.sleep(delay)
 
-    def _error(self, status: int, body: bytes, retry_after: float | None) -> ServiceError:
+    def _error(
+        self, status: int, body: bytes, retry_after: float | None, rate_limits: dict[str, str]
+    ) -> ServiceError:
         text = _error_text(body)
         if self._api_key is not None:
             text = text.replace(self._api_key.get_secret_value(), "[redacted]")
@@ -293,7 +298,7 @@ class GatewayClient:
             wait = retry_after if retry_after is not None else 1.0
             return GatewayRateLimited(
                 f"the gateway's rate limit: {text}",
-                headers={"Retry-After": str(max(1, round(wait)))},
+                headers={**rate_limits, "Retry-After": str(max(1, round(wait)))},
             )
         if status in (401, 403):
             if self.pass_through:

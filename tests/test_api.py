@@ -513,10 +513,17 @@ async def test_gateway_recovers_within_retries(
 async def test_rate_limit_passes_retry_after(
     client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
 ) -> None:
-    gateway.failures = [Failure(429, {"error": "rate limited"}, {"retry-after": "42"})]
+    gateway.failures = [
+        Failure(
+            429,
+            {"error": "rate limited"},
+            {"retry-after": "42", "X-RateLimit-Remaining": "0", "X-RateLimit-Limit": "30"},
+        )
+    ]
     response = await client.post("/conversations/g/messages", json=user("a"))
     assert response.status_code == 429
     assert response.headers["retry-after"] == "42"  # over the cap: not waited for, passed on
+    assert response.headers["x-ratelimit-limit"] == "30"
     assert gateway.calls == 1
     assert await stored_keys(redis) == []
 

@@ -262,8 +262,8 @@ class Block:
 
 
 def parse_nginx(text: str) -> Block:
-    """nginx's configuration syntax as nested blocks (enough for our own file: no `'` quoting)."""
-    tokens = re.findall(r'"[^"]*"|[{};]|[^\s{};"]+', re.sub(r"(?m)#.*$", "", text))
+    """nginx's configuration syntax as nested blocks (enough for our own file)."""
+    tokens = re.findall(r'"[^"]*"|\'[^\']*\'|[{};]|[^\s{};"\']+', re.sub(r"(?m)^\s*#.*$", "", text))
     root = Block()
     stack = [root]
     words: list[str] = []
@@ -280,7 +280,7 @@ def parse_nginx(text: str) -> Block:
             assert not words, f"unterminated directive {words}"
             stack.pop()
         else:
-            words.append(token.strip('"'))
+            words.append(token.strip("\"'"))
     assert len(stack) == 1, "unbalanced braces"
     assert not words
     return root

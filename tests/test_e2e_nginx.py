@@ -240,6 +240,8 @@ async def test_oversized_body_stops_at_nginx(http: httpx.AsyncClient) -> None:
     response = await http.post(f"/conversations/{new_id('big')}/messages", json=too_big)
     assert response.status_code == 413
     assert "x-request-id" not in response.headers  # answered by nginx, not by a replica
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 413
 
 
 class ScriptedUpstream:

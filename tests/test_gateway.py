@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from email.utils import formatdate
 
 import aiohttp
 import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from service.errors import GatewayError, GatewayTimeout, ServiceError, Unauthorized
+from service.errors import (
+    GatewayError,
+    GatewayRateLimited,
+    GatewayTimeout,
+    ServiceError,
+    Unauthorized,
+)
 from service.gateway import GatewayClient, Reply
 from service.models import JSONObject
 from tests.conftest import free_port
@@ -147,3 +155,12 @@ async def test_a_stream_that_never_starts_is_504() -> None:
     async with gateway_for(Upstream("hang"), retries=0, timeout=0.2) as gateway:
         with pytest.raises(GatewayTimeout):
             await gateway.open_stream(PAYLOAD, client_key=None, request_id="r")
+
+
+async def test_a_retry_after_date_is_honoured_as_seconds() -> None:
+    when = formatdate(time.time() + 60, usegmt=True)
+    upstream = Upstream(answer(429, b'{"error": "slow down"}', **{"Retry-After": when}))
+    with pytest.raises(GatewayRateLimited) as caught:
+        await complete(upstream, retries=2)
+    assert len(upstream.calls) == 1  # a minute is over the cap: passed on, not waited for
+    assert 55 <= int(caught.value.headers["Retry-After"]) <= 60

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
-import math
-import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -24,11 +21,11 @@ from service.errors import (
     GatewayError,
     GatewayTimeout,
     IdempotencyKeyReused,
-    IdempotentRequestInFlight,
     OverTokenBudget,
     ServiceError,
 )
 from service.gateway import GatewayClient, Reply, UpstreamStream, parse_reply
+from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
 from service.models import JSONObject, Message, Role
 from service.schemas import TurnCreate
@@ -50,9 +47,8 @@ log = logging.getLogger("service.chat")
 R = TypeVar("R")
 
 MAX_WINDOW_MESSAGES = 10_000
-FETCH_MARGIN = (
-    0.8  # over-fetch, so a factor that dropped since our last look still fills the budget
-)
+# Over-fetch the window, so a correction factor that dropped since our last look still fills it.
+FETCH_MARGIN = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,27 +88,6 @@ def fingerprint(turn: TurnCreate) -> str:
     """The request body, canonical, without `stream`: a replay may ask for either form."""
     body = turn.model_dump(mode="json", exclude={"stream"}, exclude_unset=True)
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-class Renewal:
-    """A turn's lease renewal: a timer until the first renewal is due, a task from then on.
-
-    Most turns end long before a third of the lease, so they cost one timer handle, cancelled
-    cheaply, rather than a task that is started, parked and cancelled (measured by make bench)."""
-
-    __slots__ = ("_handle", "_task")
-
-    def __init__(self, delay: float, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._task: asyncio.Task[None] | None = None
-        self._handle = asyncio.get_running_loop().call_later(delay, self._fire, start)
-
-    def _fire(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        self._task = asyncio.ensure_future(start())
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-        if self._task is not None:
-            self._task.cancel()
 
 
 class ChatService:
@@ -256,13 +231,18 @@ class ChatService:
             )
 
         # mypy solves `Waiting | R` against a wider union as object; the loop never returns Waiting.
-        begun = cast(Started | Replay | Mismatch, await self._wait_for_lease(attempt))
+        begun = cast(
+            Started | Replay | Mismatch,
+            await wait_for_lease(attempt, wait_seconds=self._policy.lock_wait_seconds),
+        )
         if isinstance(begun, Mismatch):
             raise IdempotencyKeyReused("this Idempotency-Key was used with another request body")
         if isinstance(begun, Replay):
             metrics.TURNS.labels("replayed").inc()
             return begun
-        renewal = Renewal(lease_ms / 3000, lambda: self._renew(ref, lock_value, lease_ms))
+        renewal = Renewal(
+            self._store, ref, lock_value, lease_ms=lease_ms, turn_seconds=self._policy.turn_seconds
+        )
         try:
             return self._plan(ref, request, begun, lock_value, idempotency, new_wire, renewal)
         except BaseException:
@@ -320,50 +300,9 @@ class ChatService:
 
     async def delete(self, ref: ConversationRef) -> bool:
         """Delete a conversation once no turn holds it; False if there was none."""
-        return await self._wait_for_lease(lambda: self._store.delete(ref))
-
-    async def _wait_for_lease(self, attempt: Callable[[], Awaitable[Waiting | R]]) -> R:
-        """Retry `attempt` with jittered, growing pauses while another turn holds the lease."""
-        started = time.monotonic()
-        deadline = started + self._policy.lock_wait_seconds
-        pause = 0.005
-        while True:
-            result = await attempt()
-            if not isinstance(result, Waiting):
-                metrics.LOCK_WAIT.observe(time.monotonic() - started)
-                return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                headers = {"Retry-After": "1"}
-                if result.inflight:
-                    metrics.TURNS.labels("idempotent_in_flight").inc()
-                    raise IdempotentRequestInFlight(
-                        "the first request with this Idempotency-Key is still running",
-                        headers=headers,
-                    )
-                metrics.TURNS.labels("busy").inc()
-                waited = self._policy.lock_wait_seconds
-                raise ConversationBusy(
-                    f"another turn of this conversation ran past {waited:g} s", headers=headers
-                )
-            await asyncio.sleep(min(remaining, pause * random.uniform(0.5, 1.5)))  # noqa: S311 - jitter
-            pause = min(pause * 2, 0.25)
-
-    async def _renew(self, ref: ConversationRef, lock_value: str, lease_ms: int) -> None:
-        """Keep the lease while the gateway works; a lost lease is caught at commit (fencing).
-
-        Renewal stops after the turn's time limit (plus a lease for the commit), so a turn whose
-        cleanup never ran (a stream the server never started) cannot hold its conversation forever.
-        """
-        interval = lease_ms / 3000
-        for n in range(math.ceil((self._policy.turn_seconds + lease_ms / 1000) / interval)):
-            if n:  # the first interval went by on the Renewal's timer
-                await asyncio.sleep(interval)
-            try:
-                if not await self._store.renew(ref, lock_value, lease_ms):
-                    return
-            except ServiceError:
-                log.warning("lease renewal failed")
+        return await wait_for_lease(
+            lambda: self._store.delete(ref), wait_seconds=self._policy.lock_wait_seconds
+        )
 
     async def _shielded_commit(self, turn: _Turn, completion: JSONObject, reply: Reply) -> bytes:
         with anyio.CancelScope(shield=True):

@@ -5,6 +5,20 @@ run unchanged on Redis Cluster. The tenant index is passed as an extra key only 
 (standalone or Sentinel); on a Cluster it lives in another slot and is written beside the script.
 """
 
+# The sliding TTL of a conversation: its own `ttl_seconds` or the default; 0 means never expire.
+_SLIDE_TTL = r"""
+local function slide_ttl(meta, log, default_ttl)
+  local ttl = tonumber(redis.call('HGET', meta, 'ttl_seconds') or default_ttl)
+  if ttl > 0 then
+    redis.call('EXPIRE', meta, ttl)
+    redis.call('EXPIRE', log, ttl)
+  else
+    redis.call('PERSIST', meta)
+    redis.call('PERSIST', log)
+  end
+end
+"""
+
 # KEYS: log, meta, lock[, idem]   ARGV: lock value, lease ms, default budget, max messages,
 # request fingerprint, idempotency key hash, budget scale (estimate units per budget token).
 # The window is the longest suffix of the log whose estimates fit the scaled budget.
@@ -60,7 +74,9 @@ return {'ok', length, redis.call('HGETALL', KEYS[2]), window}
 # ARGV: lock value, expected length, now, default ttl, has idem, idem record, idem ttl,
 # has index, index member, input tokens, output tokens, message count, messages...,
 # then meta field/value pairs.  Answers {'ok', length} | {'lost'} | {'conflict'}.
-COMMIT_TURN = r"""
+COMMIT_TURN = (
+    _SLIDE_TTL
+    + r"""
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   -- A client-side retry of a commit that already applied must not report a lost lease.
   if redis.call('HGET', KEYS[2], 'last_turn') == ARGV[1] then
@@ -79,14 +95,7 @@ redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3], 'last_turn', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[10])
 redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[11])
-local ttl = tonumber(redis.call('HGET', KEYS[2], 'ttl_seconds') or ARGV[4])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-else
-  redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
-end
+slide_ttl(KEYS[2], KEYS[1], ARGV[4])
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
   redis.call('SADD', KEYS[5], KEYS[4])
@@ -96,6 +105,7 @@ if ARGV[8] == '1' then redis.call('ZADD', KEYS[6], ARGV[3], ARGV[9]) end
 redis.call('DEL', KEYS[3])
 return {'ok', length}
 """
+)
 
 # KEYS: lock   ARGV: lock value, lease ms.  1 if the lease was ours and is extended.
 RENEW_LOCK = r"""
@@ -113,7 +123,9 @@ return 0
 
 # KEYS: meta, log[, index]   ARGV: now, default ttl, index member, then op/field/value triples
 # (op 'set' or 'del').  Answers 1 when the conversation was created.
-UPSERT_META = r"""
+UPSERT_META = (
+    _SLIDE_TTL
+    + r"""
 local created = redis.call('EXISTS', KEYS[1]) == 0
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[1])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
@@ -124,18 +136,12 @@ for i = 4, #ARGV, 3 do
     redis.call('HDEL', KEYS[1], ARGV[i + 1])
   end
 end
-local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_seconds') or ARGV[2])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-else
-  redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
-end
+slide_ttl(KEYS[1], KEYS[2], ARGV[2])
 if #KEYS == 3 then redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3]) end
 if created then return 1 end
 return 0
 """
+)
 
 # KEYS: log, meta, lock, idem set[, index]   ARGV: index member.
 # Answers {'busy', pttl} while a turn holds the lock, else {'ok', existed}.

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import free_port
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 30.0
@@ -31,13 +33,6 @@ E2E_GATEWAY_KEY = "e2e-gw-secret-0000"
 E2E_LOCK_TTL_SECONDS = 3
 E2E_LOCK_WAIT_SECONDS = 10
 E2E_SHUTDOWN_TIMEOUT_SECONDS = 15
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def accepts_connections(port: int) -> bool:

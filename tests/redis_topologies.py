@@ -7,26 +7,19 @@ awaited by polling (never by sleeping a fixed time), and stopped by `stop()`.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from tests.conftest import free_port
 from tests.polling import wait_until
 
 _NOT_YET = (redis.RedisError, OSError)  # a server still starting, or a topology still settling
 
 CLUSTER_SLOTS = 16384
 SENTINEL_MASTER = "mymaster"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def server_binary() -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.polling import wait_until
 from tests.processes import (
     E2E_CLIENT_KEY,
@@ -28,7 +29,6 @@ from tests.processes import (
     GatewayProcess,
     ManagedProcess,
     Replica,
-    free_port,
 )
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -24,7 +24,13 @@ from service.errors import (
     OverTokenBudget,
     ServiceError,
 )
-from service.gateway import GatewayClient, Reply, UpstreamStream, parse_reply
+from service.gateway import (
+    GatewayClient,
+    Reply,
+    UpstreamStream,
+    parse_reply,
+    record_upstream_time,
+)
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
 from service.models import JSONObject, Message, Role
@@ -172,9 +178,7 @@ class ChatService:
                 if not (finished or assembler.finished):
                     raise GatewayError("the gateway's stream ended before the answer did")
                 completion = assembler.completion()
-                elapsed = time.perf_counter() - upstream.started
-                metrics.UPSTREAM_LATENCY.observe(elapsed)
-                annotate(upstream_ms=round(elapsed * 1000, 3))
+                record_upstream_time(upstream.started)
                 body = await self._shielded_commit(turn, completion, parse_reply(completion))
                 committed = True
             yield sse_event("conversation", {"conversation": orjson.loads(body)["conversation"]})

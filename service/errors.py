@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -12,8 +11,6 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
-
-log = logging.getLogger("service")
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -77,12 +74,6 @@ class IdempotencyKeyReused(ServiceError):
     slug = "idempotency-key-reused"
 
 
-class PayloadTooLarge(ServiceError):
-    status = 413
-    title = "Payload too large"
-    slug = "payload-too-large"
-
-
 class OverTokenBudget(ServiceError):
     status = 413
     title = "New messages exceed the token budget"
@@ -119,12 +110,6 @@ class StoreUnavailable(ServiceError):
     status = 503
     title = "Storage unavailable"
     slug = "store-unavailable"
-
-
-class ShuttingDown(ServiceError):
-    status = 503
-    title = "Shutting down"
-    slug = "shutting-down"
 
 
 def problem_body(status: int, title: str, detail: str, slug: str = "about:blank") -> dict[str, Any]:
@@ -198,8 +183,3 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
         titles = {404: "Not found", 405: "Method not allowed"}
         title = titles.get(exc.status_code, "HTTP error")
         return problem_response(exc.status_code, title, str(exc.detail), headers=headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error", exc_info=exc)
-        return problem_response(500, "Internal error", "an unexpected error occurred")

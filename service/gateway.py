@@ -78,6 +78,13 @@ class UpstreamStream:
             self.response.close()
 
 
+def record_upstream_time(started: float) -> None:
+    """A gateway call's duration (from `started`, a perf_counter reading): metric and log line."""
+    elapsed = time.perf_counter() - started
+    metrics.UPSTREAM_LATENCY.observe(elapsed)
+    annotate(upstream_ms=round(elapsed * 1000, 3))
+
+
 def parse_reply(completion: Any) -> Reply:
     """Read a completion defensively: tool_calls under the message or (older spec) the choice,
     usage as input/output_tokens or prompt/completion_tokens."""
@@ -214,9 +221,7 @@ class GatewayClient:
                 response = await self._send(payload, client_key, request_id)
                 completion = await _read_json(response)
         finally:
-            elapsed = time.perf_counter() - started
-            metrics.UPSTREAM_LATENCY.observe(elapsed)
-            annotate(upstream_ms=round(elapsed * 1000, 3))
+            record_upstream_time(started)
         return completion, parse_reply(completion)
 
     async def open_stream(

@@ -29,10 +29,10 @@ from redis.exceptions import (
     OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
-from redis.exceptions import RedisError as _RedisError
 
 from service import redis_scripts
 from service.errors import StoreUnavailable
@@ -42,7 +42,6 @@ RedisClient = Redis | RedisCluster
 _WINDOW: TypeAdapter[list[Message]] = TypeAdapter(list[Message])  # one parse for a whole window
 # Other replicas' token-estimate corrections are read at most this often (with a turn's window).
 FACTORS_REFRESH_SECONDS = 1.0
-RedisError = _RedisError
 CALIBRATION_KEY = "conv:calibration"
 # Error replies that mean "not now" rather than "wrong": persistence failing, a replica promoted.
 _TRANSIENT_REPLIES = ("MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY")
@@ -199,7 +198,7 @@ class ConversationStore:
                     "Redis cannot serve now", headers={"Retry-After": "1"}
                 ) from exc
             raise
-        except _RedisError as exc:
+        except RedisError as exc:
             raise StoreUnavailable(
                 f"Redis error ({type(exc).__name__})", headers={"Retry-After": "1"}
             ) from exc

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from types import FrameType
 
 import uvicorn
 
+from service import connections
 from service.app import Lifecycle, create_app
 from service.config import get_settings
 from service.embedded_redis import EmbeddedRedis
@@ -51,10 +53,20 @@ def main() -> None:
         # Several processes share one embedded Redis, started here rather than in each worker.
         embedded = None
         if settings.redis_url is None:
+            logging.getLogger("service").warning(
+                "WORKERS > 1 without REDIS_URL: the workers share an embedded development Redis "
+                "on this machine; other replicas cannot see it. Set REDIS_URL in production."
+            )
             embedded = EmbeddedRedis(settings.data_dir)
             os.environ["REDIS_URL"] = embedded.start()
         try:
-            uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+            uvicorn.run(
+                "service.app:create_app",
+                factory=True,
+                workers=settings.workers,
+                http="service.connections:HeaderDeadlineProtocol",
+                **common,  # type: ignore[arg-type]
+            )
         finally:
             if embedded is not None:
                 embedded.stop()
@@ -62,7 +74,9 @@ def main() -> None:
     lifecycle = Lifecycle()
     app = create_app(settings, lifecycle=lifecycle)
     _tune_gc()
-    server = _DrainingServer(uvicorn.Config(app, **common), lifecycle)  # type: ignore[arg-type]
+    config = uvicorn.Config(app, **common)  # type: ignore[arg-type]
+    connections.configure(config, settings.header_timeout_seconds)
+    server = _DrainingServer(config, lifecycle)
     server.run()
 
 

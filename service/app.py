@@ -20,7 +20,7 @@ from service.config import Settings, get_settings
 from service.embedded_redis import EmbeddedRedis
 from service.errors import install_error_handlers
 from service.gateway import GatewayClient
-from service.middleware import RequestMiddleware
+from service.middleware import CORS_EXPOSED, RequestMiddleware
 from service.redis_client import open_redis
 from service.store import ConversationStore
 
@@ -68,7 +68,13 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 embedded = EmbeddedRedis(cfg.data_dir)
                 redis_url = await asyncio.to_thread(embedded.start)
                 stack.callback(embedded.stop)
-                log.info("embedded redis started", extra={"data_dir": str(embedded.data_dir)})
+                # Development only: each replica without REDIS_URL has a Redis of its own, so
+                # replicas behind one balancer would each see different conversations.
+                log.warning(
+                    "REDIS_URL unset: embedded development Redis started; every replica "
+                    "needs the same REDIS_URL in production",
+                    extra={"data_dir": str(embedded.data_dir)},
+                )
             redis, cluster = open_redis(
                 redis_url,
                 pool_size=cfg.redis_pool_size,
@@ -82,6 +88,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 cluster=cluster,
                 conversation_ttl_seconds=cfg.conversation_ttl_seconds,
                 idempotency_ttl_seconds=cfg.idempotency_ttl_seconds,
+                index_ttl_seconds=cfg.max_conversation_ttl_seconds,
             )
             try:
                 await store.load_scripts()
@@ -142,7 +149,13 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
             allow_origins=origins,
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Idempotent-Replayed", "Retry-After"],
+            expose_headers=CORS_EXPOSED.split(", "),
         )
-    app.add_middleware(RequestMiddleware, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=cfg.max_body_bytes,
+        cors_origins=origins,
+        body_timeout_seconds=cfg.body_timeout_seconds,
+        max_concurrency=cfg.max_concurrency,
+    )
     return app

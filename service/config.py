@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     # closes idle keep-alive connections and never sends a request onto a closing socket.
     keepalive_timeout_seconds: int = Field(default=75, ge=1)
 
+    # Hardening (issues 9 and 17): what one caller may send, store and hold open.
+    max_token_budget: int = Field(default=200_000, ge=64)
+    # 0: no cap, and conversations may be kept forever (`ttl_seconds: 0`).
+    max_conversation_ttl_seconds: int = Field(default=90 * 24 * 3600, ge=0)
+    gateway_extra_params: str = ""  # comma-separated extra body fields forwarded upstream
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    max_concurrency: int = Field(default=2000, ge=1)  # connections and tasks per process
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -90,6 +99,21 @@ class Settings(BaseSettings):
         if self.api_keys is not None and self.gateway_api_key is None:
             raise ValueError("API_KEYS needs GATEWAY_API_KEY: client keys are never sent upstream")
         return self
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> Settings:
+        if self.token_budget > self.max_token_budget:
+            raise ValueError("TOKEN_BUDGET must not exceed MAX_TOKEN_BUDGET")
+        cap = self.max_conversation_ttl_seconds
+        if cap and not 0 < self.conversation_ttl_seconds <= cap:
+            raise ValueError(
+                "CONVERSATION_TTL_SECONDS must be 1..MAX_CONVERSATION_TTL_SECONDS "
+                "(never expiring needs MAX_CONVERSATION_TTL_SECONDS=0)"
+            )
+        return self
+
+    def extra_gateway_params(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.gateway_extra_params.split(",") if p.strip())
 
     def client_keys(self) -> dict[str, str]:
         """Client key -> tenant name; empty means pass-through mode."""

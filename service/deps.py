@@ -11,7 +11,7 @@ from service.chat import ChatService
 from service.config import Settings
 from service.errors import InvalidRequest
 from service.logs import annotate
-from service.schemas import CONVERSATION_ID
+from service.schemas import CONVERSATION_ID, ConversationUpdate, TurnCreate
 from service.store import ConversationRef, ConversationStore
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -76,3 +76,33 @@ async def get_idempotency_key(
 
 
 IdempotencyKeyDep = Annotated[str | None, Depends(get_idempotency_key)]
+
+
+async def get_turn(body: TurnCreate, settings: SettingsDep) -> TurnCreate:
+    """The turn's body, refused when it names a field neither we nor the operator allow."""
+    unknown = body.unknown_fields(settings.extra_gateway_params())
+    if unknown:
+        raise InvalidRequest(
+            f"{unknown[0]}: not a parameter this service forwards "
+            "(the operator may allow it with GATEWAY_EXTRA_PARAMS)"
+        )
+    return body
+
+
+async def get_update(update: ConversationUpdate, settings: SettingsDep) -> ConversationUpdate:
+    """Settings within the operator's caps: token budget and time to live."""
+    if update.token_budget is not None and update.token_budget > settings.max_token_budget:
+        raise InvalidRequest(
+            f"token_budget: at most {settings.max_token_budget} (MAX_TOKEN_BUDGET)"
+        )
+    cap = settings.max_conversation_ttl_seconds
+    if cap and update.ttl_seconds is not None and not 0 < update.ttl_seconds <= cap:
+        raise InvalidRequest(
+            f"ttl_seconds: 1 to {cap} (MAX_CONVERSATION_TTL_SECONDS); this service does not "
+            "keep conversations forever"
+        )
+    return update
+
+
+TurnDep = Annotated[TurnCreate, Depends(get_turn)]
+UpdateDep = Annotated[ConversationUpdate, Depends(get_update)]

@@ -180,6 +180,6 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
             return problem_response(413, "Payload too large", str(exc.detail), "payload-too-large")
         if exc.status_code == 405:  # every method of the path, not only the first route's
             headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
-        titles = {404: "Not found", 405: "Method not allowed"}
+        titles = {404: "Not found", 405: "Method not allowed", 408: "Request timeout"}
         title = titles.get(exc.status_code, "HTTP error")
         return problem_response(exc.status_code, title, str(exc.detail), headers=headers)

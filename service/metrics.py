@@ -45,3 +45,13 @@ LOCK_WAIT = Histogram(
 )
 TURNS = Counter("proxy_turns_total", "Turns by outcome", ["outcome"])
 IN_FLIGHT = Gauge("proxy_requests_in_flight", "Requests being served")
+UNREADABLE_RECORDS = Counter(
+    "proxy_unreadable_records_total", "Stored messages that did not read back and were skipped"
+)
+INDEX_WRITE_FAILURES = Counter(
+    "proxy_index_write_failures_total",
+    "Writes of a tenant's conversation index that failed after the conversation was stored",
+)
+OVERLOADED = Counter(
+    "proxy_overloaded_total", "Requests refused with 503 at MAX_CONCURRENCY requests in flight"
+)

@@ -1,12 +1,15 @@
-"""RequestMiddleware (pure ASGI): request ids, the body-size limit, metrics and the access log."""
+"""RequestMiddleware (pure ASGI): request ids, the body-size limit and deadline, the concurrency
+cap, metrics and the access log."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -39,14 +42,60 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the body is over {limit} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """The body did not arrive within BODY_TIMEOUT_SECONDS: a slow client holds a request slot."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(
+            408, f"the body did not arrive within {limit:g} s", headers={"Connection": "close"}
+        )
+
+
+# Probes and scrapes are served even at the cap: an overloaded pod is not a dead one.
+_UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def tenant_hash(tenant: str) -> str:
     return hashlib.sha256(tenant.encode()).hexdigest()[:12]
 
 
+def cors_headers(origins: frozenset[str], origin: bytes | None) -> list[tuple[bytes, bytes]]:
+    """What CORSMiddleware adds to a simple response, for the answers built here, outside it:
+    without them a browser sees a 413 or 500 as an unreadable network failure."""
+    if origin is None or not origins:
+        return []
+    if "*" in origins:
+        allowed = b"*"
+    elif origin.decode("latin-1") in origins:
+        allowed = origin
+    else:
+        return []
+    return [
+        (b"access-control-allow-origin", allowed),
+        (b"access-control-expose-headers", CORS_EXPOSED.encode()),
+        (b"vary", b"Origin"),
+    ]
+
+
+CORS_EXPOSED = "X-Request-ID, Idempotent-Replayed, Retry-After"
+
+
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        cors_origins: Sequence[str] = (),
+        body_timeout_seconds: float = 30.0,
+        max_concurrency: int = 2000,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.cors_origins = frozenset(cors_origins)
+        self.body_timeout_seconds = body_timeout_seconds
+        self.max_concurrency = max_concurrency
+        self._in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,6 +110,7 @@ class RequestMiddleware:
         status = 500
         response_started = False
         id_header = (b"x-request-id", request_id.encode())
+        cors = cors_headers(self.cors_origins, headers.get(b"origin"))
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, response_started
@@ -71,16 +121,40 @@ class RequestMiddleware:
             await send(message)
 
         received = 0
+        body_deadline = started + self.body_timeout_seconds
+        body_done = False
 
         async def receive_wrapper() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later calls wait for a disconnect, for as long as the answer takes
+                return await receive()
+            try:
+                async with asyncio.timeout(max(0.0, body_deadline - time.perf_counter())):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout_seconds) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
+        if self._in_flight >= self.max_concurrency and scope["path"] not in _UNCAPPED:
+            metrics.OVERLOADED.inc()
+            await self._problem(
+                send_wrapper,
+                [*cors, (b"retry-after", b"1")],
+                503,
+                "Overloaded",
+                f"this replica is serving {self.max_concurrency} requests (MAX_CONCURRENCY)",
+                "overloaded",
+            )
+            self._record(scope, fields, request_id, status, time.perf_counter() - started)
+            return
+        self._in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
             declared = headers.get(b"content-length")
@@ -89,6 +163,7 @@ class RequestMiddleware:
             if scope["method"] in ("POST", "PUT") and not _json_or_unset(headers):
                 await self._problem(
                     send_wrapper,
+                    cors,
                     415,
                     "Unsupported media type",
                     "send the body as application/json",
@@ -101,10 +176,17 @@ class RequestMiddleware:
                 raise
             await self._problem(
                 send_wrapper,
+                cors,
                 413,
                 "Payload too large",
                 f"the body is over {self.max_body_bytes} bytes",
                 "payload-too-large",
+            )
+        except BodyTimeout as exc:
+            if response_started:
+                raise
+            await self._problem(
+                send_wrapper, cors, 408, "Request timeout", exc.detail, "request-timeout"
             )
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id})
@@ -112,17 +194,26 @@ class RequestMiddleware:
                 raise
             await self._problem(
                 send_wrapper,
+                cors,
                 500,
                 "Internal error",
                 "an unexpected error occurred",
                 "internal-error",
             )
         finally:
+            self._in_flight -= 1
             metrics.IN_FLIGHT.dec()
             self._record(scope, fields, request_id, status, time.perf_counter() - started)
 
     @staticmethod
-    async def _problem(send: Send, status: int, title: str, detail: str, slug: str) -> None:
+    async def _problem(
+        send: Send,
+        cors: list[tuple[bytes, bytes]],
+        status: int,
+        title: str,
+        detail: str,
+        slug: str,
+    ) -> None:
         body = orjson.dumps(problem_body(status, title, detail, slug))
         await send(
             {
@@ -132,6 +223,7 @@ class RequestMiddleware:
                     (b"content-type", b"application/problem+json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *cors,
                 ],
             }
         )

@@ -19,6 +19,21 @@ local function slide_ttl(meta, log, default_ttl)
 end
 """
 
+# The tenant's index: a derived view, so a failure to write it (a key of the wrong type, say) is
+# caught with pcall and never aborts the turn it follows. Entries older than the longest TTL a
+# conversation may have belong to expired conversations and are pruned; the index key itself
+# expires after that long without a write. A ttl of 0 means no cap: nothing pruned or expiring.
+_TOUCH_INDEX = r"""
+local function touch_index(index, now, member, ttl)
+  redis.pcall('ZADD', index, now, member)
+  local cap = tonumber(ttl)
+  if cap > 0 then
+    redis.pcall('ZREMRANGEBYSCORE', index, '-inf', '(' .. (tonumber(now) - cap))
+    redis.pcall('EXPIRE', index, cap)
+  end
+end
+"""
+
 # KEYS: log, meta, lock[, idem]   ARGV: lock value, lease ms, default budget, max messages,
 # request fingerprint, idempotency key hash, budget scale (estimate units per budget token).
 # The window is the longest suffix of the log whose estimates fit the scaled budget.
@@ -72,10 +87,13 @@ return {'ok', length, redis.call('HGETALL', KEYS[2]), window}
 
 # KEYS: log, meta, lock, idem, idem set, index (unused ones repeat the log key)
 # ARGV: lock value, expected length, now, default ttl, has idem, idem record, idem ttl,
-# has index, index member, input tokens, output tokens, message count, messages...,
+# has index, index member, input tokens, output tokens, index ttl, message count, messages...,
 # then meta field/value pairs.  Answers {'ok', length} | {'lost'} | {'conflict'}.
+# Messages are pushed a hundred at a time: `unpack` of thousands of arguments overflows Lua's
+# C stack ("too many results to unpack").
 COMMIT_TURN = (
     _SLIDE_TTL
+    + _TOUCH_INDEX
     + r"""
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   -- A client-side retry of a commit that already applied must not report a lost lease.
@@ -88,9 +106,12 @@ if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[2]) then
   redis.call('DEL', KEYS[3])
   return {'conflict'}
 end
-local count = tonumber(ARGV[12])
-local length = redis.call('RPUSH', KEYS[1], unpack(ARGV, 13, 12 + count))
-for i = 13 + count, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local count = tonumber(ARGV[13])
+local length = redis.call('LLEN', KEYS[1])
+for first = 14, 13 + count, 100 do
+  length = redis.call('RPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 99, 13 + count)))
+end
+for i = 14 + count, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
 redis.call('HSET', KEYS[2], 'updated_at', ARGV[3], 'last_turn', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[10])
@@ -101,7 +122,7 @@ if ARGV[5] == '1' then
   redis.call('SADD', KEYS[5], KEYS[4])
   redis.call('EXPIRE', KEYS[5], ARGV[7])
 end
-if ARGV[8] == '1' then redis.call('ZADD', KEYS[6], ARGV[3], ARGV[9]) end
+if ARGV[8] == '1' then touch_index(KEYS[6], ARGV[3], ARGV[9], ARGV[12]) end
 redis.call('DEL', KEYS[3])
 return {'ok', length}
 """
@@ -121,15 +142,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: meta, log[, index]   ARGV: now, default ttl, index member, then op/field/value triples
-# (op 'set' or 'del').  Answers 1 when the conversation was created.
+# KEYS: meta, log[, index]   ARGV: now, default ttl, index member, index ttl, then
+# op/field/value triples (op 'set' or 'del').  Answers 1 when the conversation was created.
 UPSERT_META = (
     _SLIDE_TTL
+    + _TOUCH_INDEX
     + r"""
 local created = redis.call('EXISTS', KEYS[1]) == 0
 redis.call('HSETNX', KEYS[1], 'created_at', ARGV[1])
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   if ARGV[i] == 'set' then
     redis.call('HSET', KEYS[1], ARGV[i + 1], ARGV[i + 2])
   else
@@ -137,7 +159,7 @@ for i = 4, #ARGV, 3 do
   end
 end
 slide_ttl(KEYS[1], KEYS[2], ARGV[2])
-if #KEYS == 3 then redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3]) end
+if #KEYS == 3 then touch_index(KEYS[3], ARGV[1], ARGV[3], ARGV[4]) end
 if created then return 1 end
 return 0
 """
@@ -150,6 +172,6 @@ if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', redis.call('PTTL', KE
 local existed = redis.call('EXISTS', KEYS[2])
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', key) end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
-if #KEYS == 5 then redis.call('ZREM', KEYS[5], ARGV[1]) end
+if #KEYS == 5 then redis.pcall('ZREM', KEYS[5], ARGV[1]) end
 return {'ok', existed}
 """

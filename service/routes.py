@@ -20,16 +20,16 @@ from service.deps import (
     RequestIdDep,
     SettingsDep,
     StoreDep,
+    TurnDep,
+    UpdateDep,
 )
 from service.errors import ConversationNotFound, InvalidRequest, StoreUnavailable
 from service.schemas import (
     ConversationList,
     ConversationListItem,
     ConversationPublic,
-    ConversationUpdate,
     MessagePage,
     MessagePublic,
-    TurnCreate,
     Usage,
     timestamp,
 )
@@ -52,7 +52,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     },
 )
 async def post_turn(
-    body: TurnCreate,
+    body: TurnDep,
     ref: ConversationDep,
     caller: CallerDep,
     chat: ChatDep,
@@ -95,7 +95,7 @@ async def get_conversation(
 
 @router.put("/{conversation_id}", responses={201: {"description": "Created"}})
 async def put_conversation(
-    update: ConversationUpdate,
+    update: UpdateDep,
     ref: ConversationDep,
     store: StoreDep,
     settings: SettingsDep,

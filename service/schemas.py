@@ -17,10 +17,28 @@ from pydantic import (
     model_validator,
 )
 
+from service import limits
 from service.models import JSONObject, Message
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_BYTES = limits.MAX_METADATA_BYTES
+# What the gateway documents (GATEWAY.md), plus `top_p` and `stop`, the common OpenAI ones; any
+# other field is refused unless the operator lists it in GATEWAY_EXTRA_PARAMS.
+GATEWAY_PARAMS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "fallbacks",
+    "fallback_config",
+    "post_processing_steps",
+    "transcript_id",
+    "model_region",
+)
 
 
 def _encodable(value: Any) -> bytes:
@@ -40,7 +58,7 @@ class ContentPart(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    type: StrictStr
+    type: StrictStr = Field(max_length=limits.MAX_TEXT_CHARS)
     text: StrictStr | None = None
 
     @model_validator(mode="after")
@@ -71,10 +89,12 @@ class MessageCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["user", "assistant", "tool"]
-    content: StrictStr | list[ContentPart] | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: StrictStr | None = None
-    name: StrictStr | None = None
+    content: (
+        StrictStr | Annotated[list[ContentPart], Field(max_length=limits.MAX_CONTENT_PARTS)] | None
+    ) = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=limits.MAX_TOOL_CALLS)] | None = None
+    tool_call_id: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
+    name: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
     cache_control: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -101,26 +121,73 @@ class MessageCreate(BaseModel):
         return self.content
 
 
-class TurnCreate(BaseModel):
-    """`POST /conversations/{id}/messages`: one new message or several, plus gateway parameters.
+def _refuse_early(value: Any, lists: dict[str, int]) -> Any:
+    """Shape checks on the raw body, before any model is built: depth, then list lengths."""
+    if not isinstance(value, dict):
+        return value
+    if limits.json_depth_exceeds(value):
+        raise ValueError(limits.depth_problem())
+    for field, limit in lists.items():
+        problem = limits.count_problem(field, value.get(field), limit)
+        if problem is not None:
+            raise ValueError(problem)
+    return value
 
-    Parameters not named here are forwarded to the gateway as given.
+
+class TurnCreate(BaseModel):
+    """`POST /conversations/{id}/messages`: exactly one of `message` (the newest message) or
+    `messages` (several new ones), plus gateway parameters.
+
+    Only the parameters the gateway documents are accepted, and those the operator adds with
+    GATEWAY_EXTRA_PARAMS; any other field is 422 naming it.
     """
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(
+        extra="allow",  # kept, then checked against GATEWAY_EXTRA_PARAMS (see limits.py's callers)
+        strict=True,
+        json_schema_extra={
+            "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
+            "additionalProperties": False,
+        },
+    )
 
     message: MessageCreate | None = None
-    messages: list[MessageCreate] | None = None
+    messages: (
+        Annotated[list[MessageCreate], Field(min_length=1, max_length=limits.MAX_NEW_MESSAGES)]
+        | None
+    ) = None
     model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
-    system: StrictStr | None = None
+    system: StrictStr | None = Field(default=None, max_length=limits.MAX_SYSTEM_CHARS)
     stream: StrictBool = False
     max_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: StrictStr | list[StrictStr] | None = None
-    tools: list[dict[str, Any]] | None = None
+    stop: (
+        StrictStr | Annotated[list[StrictStr], Field(max_length=limits.MAX_STOP_SEQUENCES)] | None
+    ) = None
+    stream_options: dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=limits.MAX_TOOLS)] | None = None
     tool_choice: StrictStr | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    fallbacks: (
+        Annotated[list[StrictStr | dict[str, Any]], Field(max_length=limits.MAX_FALLBACKS)] | None
+    ) = None
+    fallback_config: dict[str, Any] | None = None
+    post_processing_steps: list[dict[str, Any]] | None = None
+    transcript_id: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
+    model_region: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        return _refuse_early(
+            value,
+            {
+                "messages": limits.MAX_NEW_MESSAGES,
+                "tools": limits.MAX_TOOLS,
+                "fallbacks": limits.MAX_FALLBACKS,
+            },
+        )
 
     @model_validator(mode="after")
     def _one_of_message_or_messages(self) -> TurnCreate:
@@ -144,6 +211,10 @@ class TurnCreate(BaseModel):
     def new_messages(self) -> list[MessageCreate]:
         return [self.message] if self.message is not None else list(self.messages or [])
 
+    def unknown_fields(self, allowed_extra: frozenset[str]) -> list[str]:
+        """Fields that are neither ours, nor the gateway's, nor on the operator's allow-list."""
+        return sorted(set(self.model_extra or {}) - allowed_extra)
+
     def gateway_params(self) -> JSONObject:
         """Everything forwarded besides model and messages."""
         params = self.model_dump(
@@ -162,11 +233,16 @@ class ConversationUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    system: StrictStr | None = None
+    system: StrictStr | None = Field(default=None, max_length=limits.MAX_SYSTEM_CHARS)
     model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
     token_budget: Annotated[int, Field(ge=64, le=10_000_000, strict=True)] | None = None
     ttl_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 24 * 3600, strict=True)] | None = None
     metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        return _refuse_early(value, {})
 
     @field_validator("metadata")
     @classmethod

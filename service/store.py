@@ -7,12 +7,15 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:lock       the turn lease: "<token>\\n<idempotency key hash>\\n<fingerprint>"
   conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
   conv:{T:I}:idemkeys   set of the idem keys above, so DELETE can remove them
-Per tenant: conv:{T}:index, a sorted set of conversation ids by last activity (ms).
+Per tenant: conv:{T}:index, a sorted set of conversation ids by last activity (epoch seconds),
+expiring MAX_CONVERSATION_TTL_SECONDS after its last write.
 Per model: conv:calibration, a hash of token-estimate correction factors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
@@ -34,10 +37,11 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from service import redis_scripts
+from service import metrics, redis_scripts
 from service.errors import StoreUnavailable
 from service.models import ConversationMeta, ConversationSummary, Message
 
+log = logging.getLogger("service.store")
 RedisClient = Redis | RedisCluster
 _WINDOW: TypeAdapter[list[Message]] = TypeAdapter(list[Message])  # one parse for a whole window
 # Other replicas' token-estimate corrections are read at most this often (with a turn's window).
@@ -103,6 +107,40 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _readable(items: Sequence[bytes | str], where: ConversationRef) -> list[Message]:
+    """Stored messages, oldest first, parsed one by one: a record that does not read back (written
+    before a limit existed, or damaged) is skipped, logged and counted, never a 500 forever."""
+    messages = []
+    for item in items:
+        try:
+            messages.append(Message.model_validate_json(item))
+        except ValidationError:
+            _unreadable(where)
+    return messages
+
+
+def _window(items: list[bytes], where: ConversationRef) -> list[Message]:
+    """The window, oldest first, in one parse; if a record does not read back, the window is what
+    follows the newest unreadable record, so what is forwarded stays a coherent suffix."""
+    try:
+        return _WINDOW.validate_json(b"[" + b",".join(items) + b"]")
+    except ValidationError:
+        suffix: list[Message] = []
+        for item in reversed(items):
+            try:
+                suffix.append(Message.model_validate_json(item))
+            except ValidationError:
+                _unreadable(where)
+                break
+        suffix.reverse()
+        return suffix
+
+
+def _unreadable(where: ConversationRef) -> None:
+    metrics.UNREADABLE_RECORDS.inc()
+    log.error("unreadable stored message skipped", extra={"conversation_id": where.id})
+
+
 def _meta(pairs: Sequence[bytes | str] | dict[Any, Any]) -> ConversationMeta | None:
     raw = (
         dict(pairs) if isinstance(pairs, dict) else dict(zip(pairs[::2], pairs[1::2], strict=True))
@@ -143,10 +181,12 @@ class ConversationStore:
         cluster: bool,
         conversation_ttl_seconds: int,
         idempotency_ttl_seconds: int,
+        index_ttl_seconds: int = 0,
     ) -> None:
         self._redis = redis
         self._cluster = cluster
         self._ttl = conversation_ttl_seconds
+        self._index_ttl = index_ttl_seconds
         self._idem_ttl = idempotency_ttl_seconds
         self._sources = {
             name: getattr(redis_scripts, name)
@@ -268,7 +308,7 @@ class ConversationStore:
         if kind == "ok":
             items = answer[3]  # newest first
             items.reverse()
-            window = _WINDOW.validate_json(b"[" + b",".join(items) + b"]")
+            window = _window(items, ref)
             return Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
         if kind == "replay":
             body = answer[1]
@@ -317,6 +357,7 @@ class ConversationStore:
             ref.id,
             input_tokens,
             output_tokens,
+            self._index_ttl,
             len(messages),
             *(m.model_dump_json(exclude_none=True) for m in messages),
         ]
@@ -333,7 +374,7 @@ class ConversationStore:
             answer = await self._script("COMMIT_TURN", keys, args)
         outcome = _text(answer[0])
         if outcome == "ok" and self._cluster:
-            await self._call(lambda: self._redis.zadd(ref.index_key, {ref.id: now}))
+            await self._touch_index(ref, now)
         if factor is not None:
             self._factors[model] = factor
         return "ok" if outcome == "ok" else "lost" if outcome == "lost" else "conflict"
@@ -377,7 +418,7 @@ class ConversationStore:
         items: list[Any] = await self._call(
             partial(self._redis.lrange, ref.key("log"), start, end - 1)
         )
-        return [Message.model_validate_json(item) for item in items], start > 0
+        return _readable(items, ref), start > 0
 
     async def upsert(
         self, ref: ConversationRef, *, set_fields: dict[str, str], clear_fields: Sequence[str]
@@ -388,15 +429,36 @@ class ConversationStore:
         index_inline = not self._cluster
         if index_inline:
             keys.append(ref.index_key)
-        args: list[Any] = [repr(now), self._ttl, ref.id]
+        args: list[Any] = [repr(now), self._ttl, ref.id, self._index_ttl]
         for field, value in set_fields.items():
             args += ["set", field, value]
         for field in clear_fields:
             args += ["del", field, ""]
         created = bool(await self._script("UPSERT_META", keys, args))
         if not index_inline:
-            await self._call(lambda: self._redis.zadd(ref.index_key, {ref.id: now}))
+            await self._touch_index(ref, now)
         return created
+
+    async def _touch_index(self, ref: ConversationRef, now: float) -> None:
+        """On a Cluster the tenant index lives in another slot, written after the conversation.
+        It is a derived view: failing to write it is logged and counted, never the failure of
+        what was already stored (a retry would store a turn twice)."""
+        index, ttl = ref.index_key, self._index_ttl
+
+        def fill(pipe: Any) -> None:
+            pipe.zadd(index, {ref.id: now})
+            if ttl > 0:
+                pipe.zremrangebyscore(index, "-inf", f"({now - ttl!r}")
+                pipe.expire(index, ttl)
+
+        try:
+            await self._pipeline(fill)
+        except (StoreUnavailable, RedisError) as exc:
+            metrics.INDEX_WRITE_FAILURES.inc()
+            log.warning(
+                "conversation index not updated",
+                extra={"conversation_id": ref.id, "error": type(exc).__name__},
+            )
 
     async def delete(self, ref: ConversationRef) -> Waiting | bool:
         """Delete everything of a conversation unless a turn holds it; True if it existed."""
@@ -406,8 +468,9 @@ class ConversationStore:
         answer = await self._script("DELETE_CONVERSATION", keys, [ref.id])
         if _text(answer[0]) == "busy":
             return Waiting(retry_in_ms=max(1, int(answer[1])), inflight=False)
-        if self._cluster:
-            await self._call(lambda: self._redis.zrem(ref.index_key, ref.id))
+        if self._cluster:  # a stale entry left here is dropped by the next listing
+            with contextlib.suppress(StoreUnavailable, RedisError):
+                await self._call(lambda: self._redis.zrem(ref.index_key, ref.id))
         return bool(int(answer[1]))
 
     async def list_conversations(
@@ -432,7 +495,6 @@ class ConversationStore:
                     withscores=True,
                 )
             )
-            offset += len(rows)
             # Equal scores come in descending id order: skip what the cursor already covered.
             fresh = [
                 (float(score), _text(member))
@@ -443,8 +505,11 @@ class ConversationStore:
             gone = [
                 cid for (_, cid), summary in zip(fresh, summaries, strict=True) if summary is None
             ]
+            removed = 0
             if gone:  # expired or deleted: the index is a derived view, tidy it lazily
-                await self._call(partial(self._redis.zrem, index, *gone))
+                removed = int(await self._call(partial(self._redis.zrem, index, *gone)))
+            # What was removed sat before the next batch: the offset moves past what remains.
+            offset += len(rows) - removed
             found += [
                 (score, summary)
                 for (score, _), summary in zip(fresh, summaries, strict=True)

@@ -21,6 +21,7 @@ from service.errors import (
     GatewayError,
     GatewayTimeout,
     IdempotencyKeyReused,
+    IdempotentRequestInFlight,
     OverTokenBudget,
     ServiceError,
 )
@@ -155,6 +156,7 @@ class ChatService:
 
     async def _relay(self, turn: _Turn, upstream: UpstreamStream) -> AsyncIterator[bytes]:
         committed = False
+        timed = False  # the upstream time is recorded once, whether the stream ended well or not
         try:
             if upstream.completion is not None:  # the model ignored stream: true
                 body = await self._shielded_commit(
@@ -179,6 +181,7 @@ class ChatService:
                     raise GatewayError("the gateway's stream ended before the answer did")
                 completion = assembler.completion()
                 record_upstream_time(upstream.started)
+                timed = True
                 body = await self._shielded_commit(turn, completion, parse_reply(completion))
                 committed = True
             yield sse_event("conversation", {"conversation": orjson.loads(body)["conversation"]})
@@ -195,6 +198,8 @@ class ChatService:
             yield sse_event("error", {"error": problem})
         finally:
             with anyio.CancelScope(shield=True):  # a client that left cancels us: clean up anyway
+                if not timed:  # a stream that failed or was cut off took upstream time too
+                    record_upstream_time(upstream.started)
                 await upstream.aclose()
                 if not committed:
                     annotate(stream_completed=False)
@@ -234,11 +239,16 @@ class ChatService:
                 idempotency=idempotency,
             )
 
-        # mypy solves `Waiting | R` against a wider union as object; the loop never returns Waiting.
-        begun = cast(
-            Started | Replay | Mismatch,
-            await wait_for_lease(attempt, wait_seconds=self._policy.lock_wait_seconds),
-        )
+        waited = time.monotonic()
+        try:
+            # mypy solves `Waiting | R` against a wider union as object; it never returns Waiting.
+            begun = cast(
+                Started | Replay | Mismatch,
+                await wait_for_lease(attempt, wait_seconds=self._policy.lock_wait_seconds),
+            )
+        except (ConversationBusy, IdempotentRequestInFlight):
+            metrics.LOCK_WAIT.observe(time.monotonic() - waited)  # the longest waits count too
+            raise
         if isinstance(begun, Mismatch):
             raise IdempotencyKeyReused("this Idempotency-Key was used with another request body")
         if isinstance(begun, Replay):

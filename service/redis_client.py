@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from service.store import RedisClient
@@ -35,6 +35,11 @@ class _SentinelPrimary(Redis):
         finally:
             if self.owned_sentinel is not None:
                 await self.owned_sentinel.aclose()
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (follows failovers) that makes a request beyond `max_connections` wait,
+    up to `timeout`, for a free connection instead of failing with "Too many connections"."""
 
 
 def _reconnect() -> Retry:
@@ -61,7 +66,8 @@ def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
 def open_redis(
     url: str, *, pool_size: int, pool_timeout_seconds: float
 ) -> tuple[RedisClient, bool]:
-    """The client and whether it is a Cluster. A blocking pool makes bursts queue, not fail."""
+    """The client and whether it is a Cluster. A blocking pool makes bursts queue, not fail; the
+    Cluster client has none (a full node pool raises), so ConversationStore queues its calls."""
     parts = urlsplit(url)
     password = unquote(parts.password) if parts.password else None
     username = unquote(parts.username) if parts.username else None
@@ -105,8 +111,10 @@ def open_redis(
         primary: _SentinelPrimary = sentinel.master_for(
             path[0],
             redis_class=_SentinelPrimary,
+            connection_pool_class=_BlockingSentinelPool,
             db=db,
             max_connections=pool_size,
+            timeout=pool_timeout_seconds,
             retry=_reconnect(),
         )
         primary.owned_sentinel = sentinel

@@ -14,6 +14,7 @@ Per model: conv:calibration, a hash of token-estimate correction factors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -182,9 +183,15 @@ class ConversationStore:
         conversation_ttl_seconds: int,
         idempotency_ttl_seconds: int,
         index_ttl_seconds: int = 0,
+        pool_size: int = 0,
+        pool_timeout_seconds: float = 5.0,
     ) -> None:
         self._redis = redis
         self._cluster = cluster
+        # redis-py's Cluster pools raise when a node's pool is full; one call uses at most one
+        # connection per node, so at most `pool_size` calls at once never overfill one.
+        self._gate = asyncio.Semaphore(pool_size) if cluster and pool_size else None
+        self._gate_timeout = pool_timeout_seconds
         self._ttl = conversation_ttl_seconds
         self._index_ttl = index_ttl_seconds
         self._idem_ttl = idempotency_ttl_seconds
@@ -215,6 +222,21 @@ class ConversationStore:
 
     async def _call(self, run: Callable[[], Awaitable[T]]) -> T:
         """Run one round trip; reload scripts once if Redis lost them (restart, failover)."""
+        if self._gate is None:
+            return await self._round_trip(run)
+        try:
+            async with asyncio.timeout(self._gate_timeout):
+                await self._gate.acquire()
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                "every Redis connection stayed busy", headers={"Retry-After": "1"}
+            ) from exc
+        try:
+            return await self._round_trip(run)
+        finally:
+            self._gate.release()
+
+    async def _round_trip(self, run: Callable[[], Awaitable[T]]) -> T:
         try:
             try:
                 return await run()

@@ -365,3 +365,13 @@ async def test_sentinel_url_selects_the_database(redis_sentinel: LocalSentinel) 
     finally:
         await client.aclose()
         redis_sentinel.flushall()
+
+
+async def test_bursts_queue_for_a_small_pool(topology: Topology, gateway: FakeGateway) -> None:
+    """More requests at once than pooled connections: they wait for one, none fails."""
+    settings = make_settings(topology.url, redis_pool_size=2)
+    async with serve(settings, gateway) as client:
+        reads = [client.get("/conversations") for _ in range(30)]
+        turns = [client.post(f"/conversations/b{i}/messages", json=user("x")) for i in range(10)]
+        responses = await asyncio.gather(*reads, *turns)
+    assert [r.status_code for r in responses] == [200] * 40

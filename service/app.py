@@ -21,6 +21,7 @@ from service.embedded_redis import EmbeddedRedis
 from service.errors import install_error_handlers
 from service.gateway import GatewayClient
 from service.middleware import CORS_EXPOSED, RequestMiddleware
+from service.openapi import install_openapi
 from service.redis_client import open_redis
 from service.store import ConversationStore
 
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
     )
     app.include_router(routes.router)
     app.include_router(routes.ops)
+    install_openapi(app, cfg)
     install_error_handlers(app, [*routes.router.routes, *routes.ops.routes])
     origins = cfg.cors_origin_list()
     if origins:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import math
+import re
 from typing import Annotated
 
 import orjson
@@ -23,13 +21,14 @@ from service.deps import (
     TurnDep,
     UpdateDep,
 )
-from service.errors import ConversationNotFound, InvalidRequest, StoreUnavailable
+from service.errors import ConversationNotFound, StoreUnavailable
 from service.schemas import (
     ConversationList,
     ConversationListItem,
     ConversationPublic,
     MessagePage,
     MessagePublic,
+    TurnPublic,
     Usage,
     timestamp,
 )
@@ -38,6 +37,8 @@ from service.store import ConversationStore
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 ops = APIRouter(tags=["operations"])
 
+# `<last activity, epoch seconds>~<conversation id>`: the place after which the next page starts.
+CURSOR = re.compile(r"^[0-9]{1,16}(?:\.[0-9]{1,20})?~[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -47,7 +48,18 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     responses={
         200: {
             "description": "The gateway's completion plus `conversation`; "
-            "`text/event-stream` when `stream` is true"
+            "`text/event-stream` when `stream` is true",
+            "model": TurnPublic,
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "description": "One server-sent event: the gateway's chunks, then "
+                        "`event: conversation`, then `data: [DONE]`",
+                        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                    }
+                }
+            },
         }
     },
 )
@@ -125,7 +137,7 @@ async def list_conversations(
     caller: CallerDep,
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR.pattern, max_length=200)] = None,
 ) -> ConversationList:
     items, next_cursor = await store.list_conversations(
         caller.tenant, limit=limit, cursor=_decode_cursor(cursor) if cursor else None
@@ -189,15 +201,10 @@ async def _public(
 
 
 def _encode_cursor(cursor: tuple[float, str]) -> str:
-    return base64.urlsafe_b64encode(f"{cursor[0]!r}|{cursor[1]}".encode()).decode().rstrip("=")
+    return f"{cursor[0]!r}~{cursor[1]}"
 
 
 def _decode_cursor(raw: str) -> tuple[float, str]:
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        score, _, conversation_id = text.partition("|")
-        if not math.isfinite(float(score)):
-            raise ValueError("not a finite score")
-        return float(score), conversation_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidRequest("cursor is not one this service returned") from exc
+    """CURSOR's pattern admits only a (score, id) pair; any such pair is a place in the list."""
+    score, _, conversation_id = raw.partition("~")
+    return float(score), conversation_id

@@ -42,11 +42,21 @@ GATEWAY_PARAMS = (
 
 
 def _encodable(value: Any) -> bytes:
-    """JSON allows lone surrogates (`"\\ud800"`) that no UTF-8 store or upstream accepts."""
+    """JSON allows lone surrogates (`"\\ud800"`) and integers of any size; no UTF-8 store or
+    upstream accepts the first, and the gateway client's encoder stops at 64 bits."""
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
-        raise ValueError("text must be valid Unicode (no lone surrogates)") from exc
+        raise ValueError(
+            "text must be valid Unicode (no lone surrogates) and integers within 64 bits"
+        ) from exc
+
+
+def _integral(value: object) -> object:
+    """JSON has one number type: `5.0` is the integer 5 to a JSON Schema, so to us too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def timestamp(epoch_seconds: float) -> datetime:
@@ -99,11 +109,12 @@ class MessageCreate(BaseModel):
 
     @model_validator(mode="after")
     def _shape_fits_role(self) -> MessageCreate:
+        # Fields of other roles are refused even when null: one shape per role (see openapi.py).
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs 'tool_call_id'")
-        if self.role != "tool" and self.tool_call_id is not None:
+        if self.role != "tool" and "tool_call_id" in self.model_fields_set:
             raise ValueError("only a tool message may carry 'tool_call_id'")
-        if self.role != "assistant" and self.tool_calls is not None:
+        if self.role != "assistant" and "tool_calls" in self.model_fields_set:
             raise ValueError("only an assistant message may carry 'tool_calls'")
         if self.role == "assistant":
             if self.content is None and not self.tool_calls:
@@ -148,6 +159,27 @@ class TurnCreate(BaseModel):
         json_schema_extra={
             "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
             "additionalProperties": False,
+            "examples": [
+                {"message": {"role": "user", "content": "What is the capital of France?"}},
+                {
+                    "messages": [
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "id": "call-1",
+                                    "type": "function",
+                                    "function": {"name": "weather", "arguments": "{}"},
+                                }
+                            ],
+                        },
+                        {"role": "tool", "tool_call_id": "call-1", "content": "sunny"},
+                    ],
+                    "model": "claude-sonnet-4-6",
+                    "max_tokens": 200,
+                },
+            ],
         },
     )
 
@@ -191,7 +223,10 @@ class TurnCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_message_or_messages(self) -> TurnCreate:
-        if (self.message is None) == (self.messages is None):
+        explicit_null = {"message", "messages"} & self.model_fields_set
+        if (self.message is None) == (self.messages is None) or any(
+            getattr(self, field) is None for field in explicit_null
+        ):
             raise ValueError("send exactly one of 'message' or 'messages'")
         new = self.new_messages()
         if not new:
@@ -200,6 +235,8 @@ class TurnCreate(BaseModel):
             raise ValueError("the last new message must be a user or tool message")
         _encodable(self.model_dump(mode="json"))
         return self
+
+    _whole_max_tokens = field_validator("max_tokens", mode="before")(_integral)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -231,13 +268,23 @@ class TurnCreate(BaseModel):
 class ConversationUpdate(BaseModel):
     """`PUT /conversations/{id}`: fields sent are set, null clears, absent stays as it was."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {"system": "You are terse.", "ttl_seconds": 3600, "metadata": {"user": "u-1"}}
+            ]
+        },
+    )
 
     system: StrictStr | None = Field(default=None, max_length=limits.MAX_SYSTEM_CHARS)
     model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
     token_budget: Annotated[int, Field(ge=64, le=10_000_000, strict=True)] | None = None
     ttl_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 24 * 3600, strict=True)] | None = None
     metadata: dict[str, Any] | None = None
+
+    _whole_numbers = field_validator("token_budget", "ttl_seconds", mode="before")(_integral)
 
     @model_validator(mode="before")
     @classmethod
@@ -320,3 +367,37 @@ class ConversationListItem(BaseModel):
 class ConversationList(BaseModel):
     conversations: list[ConversationListItem]
     next_cursor: str | None
+
+
+class TurnContext(BaseModel):
+    messages: int
+    estimated_tokens: int
+    dropped_messages: int
+    token_budget: int
+
+
+class TurnConversation(BaseModel):
+    id: str
+    message_count: int
+    context: TurnContext
+
+
+class TurnPublic(BaseModel):
+    """A turn's answer: the gateway's completion as it came (other fields pass through), plus
+    `conversation`, describing what was stored and what was forwarded."""
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str | None = None
+    choices: list[JSONObject]
+    usage: JSONObject | None = None
+    conversation: TurnConversation
+
+
+class Problem(BaseModel):
+    """Every error (RFC 9457, `application/problem+json`)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str

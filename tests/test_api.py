@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 import httpx
@@ -676,10 +675,9 @@ async def test_405_lists_every_method_of_the_path(client: httpx.AsyncClient) -> 
 
 
 async def test_a_forged_cursor_is_422(client: httpx.AsyncClient) -> None:
-    for score in ("nan", "inf", "x"):
-        cursor = base64.urlsafe_b64encode(f"{score}|a".encode()).decode().rstrip("=")
-        response = await client.get(f"/conversations?cursor={cursor}")
-        assert response.status_code == 422, score
+    for cursor in ("nan~a", "inf~a", "x", "1.5~", "1.5~.hidden", "1e9~a"):
+        response = await client.get("/conversations", params={"cursor": cursor})
+        assert response.status_code == 422, cursor
 
 
 async def test_client_request_ids_are_kept(client: httpx.AsyncClient) -> None:

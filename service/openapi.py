@@ -1,0 +1,215 @@
+"""The OpenAPI description, completed: auth, every route's problem+json statuses, the shape of a
+new message by role, and links between operations (which schemathesis follows statefully).
+
+FastAPI derives most of the document from the routes; what it cannot see (auth read from a
+header by hand, errors raised as exceptions, rules a validator enforces) is added here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service import limits
+from service.config import Settings
+from service.schemas import Problem
+
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_STATUS_MEANINGS = {
+    400: "Malformed JSON, or the gateway refused the request as malformed",
+    401: "No key, or a wrong one",
+    403: "The gateway refused the key",
+    404: "No such conversation for this tenant (or, from the gateway, no such model)",
+    408: "The headers or body did not arrive in time",
+    409: "The conversation stayed busy past LOCK_WAIT_SECONDS, or the same idempotent request "
+    "is still running",
+    413: "The body is over MAX_BODY_BYTES, or the new messages exceed the token budget",
+    415: "The body is not JSON",
+    422: "A bad id, field, type or limit, or an Idempotency-Key reused with another body",
+    429: "The gateway's rate limit, after retries",
+    502: "The gateway failed or answered something that is not a completion",
+    503: "Redis unreachable, or MAX_CONCURRENCY requests in flight",
+    504: "The gateway did not answer within GATEWAY_TIMEOUT_SECONDS",
+}
+_CONVERSATION = [401, 404, 422, 503]
+_ERRORS: dict[tuple[str, str], list[int]] = {
+    ("post", "/conversations/{conversation_id}/messages"): sorted(_STATUS_MEANINGS),
+    ("get", "/conversations/{conversation_id}/messages"): _CONVERSATION,
+    ("get", "/conversations/{conversation_id}"): _CONVERSATION,
+    ("put", "/conversations/{conversation_id}"): [400, 401, 408, 413, 415, 422, 503],
+    ("delete", "/conversations/{conversation_id}"): [401, 404, 409, 422, 503],
+    ("get", "/conversations"): [401, 422, 503],
+    ("get", "/readyz"): [503],
+}
+_SAME_ID = {"conversation_id": "$request.path.conversation_id"}
+# operationId of the target -> link name; every write to a conversation leads to its reads.
+_READS = {
+    "GetConversation": "get_conversation",
+    "GetMessages": "get_messages",
+    "DeleteConversation": "delete_conversation",
+}
+_LINKS: dict[tuple[str, str, str], dict[str, str]] = {
+    ("put", "/conversations/{conversation_id}", "201"): _READS,
+    ("put", "/conversations/{conversation_id}", "200"): _READS,
+    ("post", "/conversations/{conversation_id}/messages", "200"): _READS,
+    ("delete", "/conversations/{conversation_id}", "204"): {
+        "GetConversation": "get_conversation",
+        "GetMessages": "get_messages",
+    },
+}
+_OPERATION_IDS = {
+    ("post", "/conversations/{conversation_id}/messages"): "PostTurn",
+    ("get", "/conversations/{conversation_id}/messages"): "GetMessages",
+    ("get", "/conversations/{conversation_id}"): "GetConversation",
+    ("put", "/conversations/{conversation_id}"): "PutConversation",
+    ("delete", "/conversations/{conversation_id}"): "DeleteConversation",
+    ("get", "/conversations"): "ListConversations",
+}
+
+
+def _text_or_parts(nullable: bool = False) -> dict[str, Any]:
+    options: list[dict[str, Any]] = [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/ContentPart"},
+            "maxItems": limits.MAX_CONTENT_PARTS,
+        },
+    ]
+    if nullable:
+        options.append({"type": "null"})
+    return {"anyOf": options}
+
+
+def _message_schema() -> dict[str, Any]:
+    """A new message, one shape per role: what MessageCreate's validator enforces."""
+    common: dict[str, Any] = {
+        "name": {
+            "anyOf": [{"type": "string", "maxLength": limits.MAX_TEXT_CHARS}, {"type": "null"}]
+        },
+        "cache_control": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+    }
+    user = {
+        "type": "object",
+        "properties": {"role": {"const": "user"}, "content": _text_or_parts(), **common},
+        "required": ["role", "content"],
+        "additionalProperties": False,
+    }
+    tool = {
+        "type": "object",
+        "properties": {
+            "role": {"const": "tool"},
+            "content": _text_or_parts(),
+            "tool_call_id": {"type": "string", "minLength": 1, "maxLength": 256},
+            **common,
+        },
+        "required": ["role", "content", "tool_call_id"],
+        "additionalProperties": False,
+    }
+    calls = {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/ToolCall"},
+        "maxItems": limits.MAX_TOOL_CALLS,
+    }
+    assistant = {
+        "type": "object",
+        "properties": {
+            "role": {"const": "assistant"},
+            "content": _text_or_parts(nullable=True),
+            "tool_calls": {"anyOf": [calls, {"type": "null"}]},
+            **common,
+        },
+        "required": ["role"],
+        "additionalProperties": False,
+        # Something to say: content, or at least one tool call.
+        "anyOf": [
+            {"required": ["content"], "properties": {"content": _text_or_parts()}},
+            {"required": ["tool_calls"], "properties": {"tool_calls": {**calls, "minItems": 1}}},
+        ],
+    }
+    return {
+        "title": "MessageCreate",
+        "description": "A new message: user, assistant or tool (with tool_call_id).",
+        "oneOf": [user, assistant, tool],
+    }
+
+
+def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    schemas["Problem"] = Problem.model_json_schema()
+    schemas["MessageCreate"] = _message_schema()
+    schemas["ContentPart"]["if"] = {"properties": {"type": {"const": "text"}}}
+    schemas["ContentPart"]["then"] = {
+        "required": ["text"],
+        "properties": {"text": {"type": "string"}},
+    }
+    update = schemas["ConversationUpdate"]["properties"]
+    update["token_budget"]["anyOf"][0]["maximum"] = settings.max_token_budget
+    if settings.max_conversation_ttl_seconds:
+        ttl = update["ttl_seconds"]["anyOf"][0]
+        ttl["minimum"] = 1
+        ttl["maximum"] = settings.max_conversation_ttl_seconds
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    turn = schemas["TurnCreate"]["properties"]
+    # A single new message is the last one: a user message or a tool result.
+    turn["message"] = {"oneOf": [schemas["MessageCreate"]["oneOf"][i] for i in (0, 2)]}
+    turn["messages"] = {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/MessageCreate"},
+        "minItems": 1,
+        "maxItems": limits.MAX_NEW_MESSAGES,
+        "description": "Several new messages; the last is a user or tool message.",
+    }
+    components["securitySchemes"] = {
+        "clientKey": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A client key from API_KEYS, or in pass-through mode the caller's own "
+            "gateway key (a raw key without `Bearer` is accepted too).",
+        }
+    }
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            key = (method, path)
+            if key in _OPERATION_IDS:
+                operation["operationId"] = _OPERATION_IDS[key]
+            if path.startswith("/conversations"):
+                operation["security"] = [{"clientKey": []}]
+            responses = operation["responses"]
+            responses.pop("422", None)
+            for status in _ERRORS.get(key, []):
+                responses[str(status)] = {
+                    "description": _STATUS_MEANINGS[status],
+                    "content": {"application/problem+json": {"schema": PROBLEM_REF}},
+                }
+            for (link_method, link_path, code), targets in _LINKS.items():
+                if (link_method, link_path) == key:
+                    responses[code]["links"] = {
+                        name: {"operationId": target, "parameters": _SAME_ID}
+                        for target, name in targets.items()
+                    }
+    return schema
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Serve the completed document at /openapi.json (built once, on first request); the limits
+    the operator sets are part of it."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _complete(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                ),
+                settings,
+            )
+        return app.openapi_schema
+
+    app.openapi = build  # type: ignore[method-assign] # FastAPI's documented way to extend it

@@ -115,8 +115,9 @@ def _encodable(value: Any) -> Any:
 
 def _within_unwritten_rules(_context: Any, case: Any) -> Any:
     """Rules a JSON Schema cannot state, applied to data meant to be valid: text is valid
-    Unicode and integers fit in 64 bits, the last of several new messages is a user or tool message, and an
-    Idempotency-Key is reused only with the same body (each is tested on its own elsewhere)."""
+    Unicode and integers fit in 64 bits, the last of several new messages is a user or tool
+    message, and an Idempotency-Key is reused only with the same body (each rule is tested on
+    its own elsewhere)."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return case
     case.body = body = _encodable(case.body)

@@ -133,15 +133,16 @@ class MessageCreate(BaseModel):
 
 
 def _refuse_early(value: Any, lists: dict[str, int]) -> Any:
-    """Shape checks on the raw body, before any model is built: depth, then list lengths."""
+    """Shape checks on the raw body, before any model is built: list lengths (cheapest), then
+    depth."""
     if not isinstance(value, dict):
         return value
-    if limits.json_depth_exceeds(value):
-        raise ValueError(limits.depth_problem())
     for field, limit in lists.items():
         problem = limits.count_problem(field, value.get(field), limit)
         if problem is not None:
             raise ValueError(problem)
+    if limits.json_depth_exceeds(value):
+        raise ValueError(limits.depth_problem())
     return value
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
 from service.embedded_redis import EmbeddedRedis
@@ -12,7 +14,7 @@ from tests.fake_gateway import FakeGateway
 
 
 async def test_without_redis_url_the_service_keeps_data_under_data_dir(
-    tmp_path: Path, gateway: FakeGateway
+    tmp_path: Path, gateway: FakeGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = make_settings("", data_dir=tmp_path / "data")
     assert settings.redis_url is None
@@ -30,6 +32,10 @@ async def test_without_redis_url_the_service_keeps_data_under_data_dir(
     assert b"second" in aof.read_bytes()
     server = EmbeddedRedis(tmp_path / "data")
     assert not server.answers()  # stopped with the app
+    # Development only, and said loudly: replicas each with their own Redis share nothing.
+    warned = [r for r in caplog.records if "REDIS_URL unset" in r.getMessage()]
+    assert warned
+    assert all(r.levelno == logging.WARNING for r in warned)
 
 
 async def test_embedded_server_on_a_port(tmp_path: Path) -> None:

@@ -375,3 +375,23 @@ async def test_bursts_queue_for_a_small_pool(topology: Topology, gateway: FakeGa
         turns = [client.post(f"/conversations/b{i}/messages", json=user("x")) for i in range(10)]
         responses = await asyncio.gather(*reads, *turns)
     assert [r.status_code for r in responses] == [200] * 40
+
+
+async def test_a_failed_index_write_on_a_cluster_does_not_fail_the_turn(
+    redis_cluster: LocalCluster, gateway: FakeGateway
+) -> None:
+    """The index lives in another slot than the conversation: here a key of the wrong type makes
+    its write fail after the turn was committed."""
+    redis_cluster.flushall()
+    index = ConversationRef("acme", "").index_key
+    client, _ = open_redis(redis_cluster.url, pool_size=4, pool_timeout_seconds=5.0)
+    try:
+        await client.set(index, "not a sorted set")
+        async with serve(make_settings(redis_cluster.url), gateway) as http:
+            response = await http.post("/conversations/ix/messages", json=user("a"))
+            assert response.status_code == 200, response.text
+            assert (await http.put("/conversations/iy", json={})).status_code == 201
+        assert gateway.calls == 1
+        assert await client.llen(ConversationRef("acme", "ix").key("log")) == 2
+    finally:
+        await client.aclose()

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from service import limits
+from service.middleware import cors_headers
 from service.models import Message, Role
 from service.store import ConversationRef, ConversationStore
 from tests.conftest import make_settings, serve
@@ -400,3 +401,10 @@ async def test_a_lock_wait_that_times_out_is_observed(
         assert counter("convproxy_lock_wait_duration_seconds_sum") > 0
         gateway.hold.set()
         assert (await first).status_code == 200
+
+
+def test_cors_headers_for_middleware_answers() -> None:
+    anyone = cors_headers(frozenset({"*"}), b"https://a.example")
+    assert (b"access-control-allow-origin", b"*") in anyone
+    assert cors_headers(frozenset({"https://a.example"}), None) == []
+    assert cors_headers(frozenset(), b"https://a.example") == []

@@ -408,3 +408,31 @@ def test_cors_headers_for_middleware_answers() -> None:
     assert (b"access-control-allow-origin", b"*") in anyone
     assert cors_headers(frozenset({"https://a.example"}), None) == []
     assert cors_headers(frozenset(), b"https://a.example") == []
+
+
+# ---- 9.14: the OpenAPI document --------------------------------------------------------------
+
+
+async def test_openapi_describes_auth_answers_and_errors(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    assert document["components"]["securitySchemes"]["clientKey"]["scheme"] == "bearer"
+    turn = document["paths"]["/conversations/{conversation_id}/messages"]["post"]
+    assert turn["security"] == [{"clientKey": []}]
+    answer = turn["responses"]["200"]["content"]
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/TurnPublic"}
+    assert "text/event-stream" in answer
+    for status in ("400", "401", "408", "409", "413", "415", "422", "429", "502", "503", "504"):
+        problem = turn["responses"][status]["content"]["application/problem+json"]
+        assert problem["schema"] == {"$ref": "#/components/schemas/Problem"}
+    body = document["components"]["schemas"]["TurnCreate"]
+    assert body["oneOf"] == [{"required": ["message"]}, {"required": ["messages"]}]
+    assert body["additionalProperties"] is False
+    roles = [s["properties"]["role"]["const"] for s in body["properties"]["message"]["oneOf"]]
+    assert roles == ["user", "tool"]
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    health = document["paths"]["/healthz"]["get"]
+    assert "security" not in health
+    put = document["paths"]["/conversations/{conversation_id}"]["put"]
+    assert "get_conversation" in put["responses"]["201"]["links"]
+    update = document["components"]["schemas"]["ConversationUpdate"]["properties"]
+    assert update["token_budget"]["anyOf"][0]["maximum"] == 200_000

@@ -425,3 +425,21 @@ async def test_pacing_pings_a_silent_source_and_ends_it_at_the_deadline() -> Non
     assert items[0] == "first"
     assert PING in items
     assert "never" not in items
+
+
+async def test_the_stand_in_is_as_strict_as_real_gateways() -> None:
+    """Usage streamed only when asked for; tool definitions counted as input."""
+    fake = FakeGateway()
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def streamed_usage(**extra: Any) -> bool:
+        _, _, content = await fake.respond({}, {**body, "stream": True, **extra})
+        assert not isinstance(content, bytes)
+        return any([b'"usage"' in piece async for piece in content])
+
+    assert not await streamed_usage()
+    assert await streamed_usage(stream_options={"include_usage": True})
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    plain = fake.completion(body)["usage"]["input_tokens"]
+    with_tools = fake.completion({**body, "tools": tools})["usage"]["input_tokens"]
+    assert with_tools > plain

@@ -67,6 +67,7 @@ async def gateway_for(
     scheme: AuthScheme = "raw",
     port: int | None = None,
     attempts: list[str] | None = None,
+    read_timeout: float | None = None,
 ) -> AsyncIterator[GatewayClient]:
     """A GatewayClient pointed at `upstream` served on loopback (None: `port`, or a port nobody
     serves); each connection attempt is appended to `attempts`."""
@@ -87,7 +88,8 @@ async def gateway_for(
     trace.on_connection_create_start.append(on_attempt)
     try:
         async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(sock_connect=0.3), trace_configs=[trace]
+            timeout=aiohttp.ClientTimeout(sock_connect=0.3, sock_read=read_timeout),
+            trace_configs=[trace],
         ) as session:
             yield GatewayClient(
                 session,
@@ -345,3 +347,11 @@ async def test_another_400_of_a_stream_is_not_retried() -> None:
         with pytest.raises(GatewayRejected, match="bad temperature"):
             await gateway.open_stream(PAYLOAD, client_key=None, request_id="r")
     assert len(upstream.calls) == 1
+
+
+async def test_no_answer_within_the_read_timeout_is_504_and_not_retried() -> None:
+    upstream = Upstream("hang")
+    async with gateway_for(upstream, read_timeout=0.2, timeout=30) as gateway:
+        with pytest.raises(GatewayTimeout):
+            await gateway.complete(PAYLOAD, client_key=None, request_id="r")
+    assert len(upstream.calls) == 1  # sent: the model may be working on it

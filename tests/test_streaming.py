@@ -399,9 +399,9 @@ def test_the_decoder_bounds_lines_and_events() -> None:
         SSEDecoder(max_bytes=10).feed(b"data: " + b"x" * 20)  # a line never ended
     with pytest.raises(EventTooLarge):
         SSEDecoder(max_bytes=10).feed(b"data: " + b"x" * 20 + b"\n")
-    decoder = SSEDecoder(max_bytes=10)
-    with pytest.raises(EventTooLarge):
-        decoder.feed(b"data: 12345\ndata: 12345\n")  # each line fits, the event does not
+    decoder = SSEDecoder(max_bytes=12)
+    with pytest.raises(EventTooLarge, match="an event"):
+        decoder.feed(b"data: 1234\ndata: 1234\ndata: 1234\n")  # lines fit, the event does not
 
 
 async def test_pacing_pings_a_silent_source_and_ends_it_at_the_deadline() -> None:

@@ -97,8 +97,10 @@ async def relay_upstream(
                 continue
             if item.data == "[DONE]":
                 return
+            if item.event == "error":
+                raise upstream.error_in(item.data.encode())
             chunk = orjson.loads(item.data)
-            if item.event == "error" or (isinstance(chunk, dict) and "error" in chunk):
+            if isinstance(chunk, dict) and "error" in chunk:
                 raise upstream.error_in(item.data.encode())
             assembler.add(chunk)
             yield sse_relayed(item.event, item.data)

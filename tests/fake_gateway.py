@@ -60,6 +60,7 @@ class FakeGateway:
     sse_dialect: str = "lf"  # "crlf", "cr", or "rich" (multi-line data, comments, ids, events)
     oversize_line_bytes: int = 0  # after the first chunk, a data line this long
     stream_error_after_first: dict[str, Any] | None = None  # an error chunk, mid-stream
+    stream_error_as_event: bool = False  # send that error as `event: error`
     calls: int = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -200,7 +201,8 @@ class FakeGateway:
                 if self.oversize_line_bytes:
                     yield b"data: " + b"x" * self.oversize_line_bytes + b"\n\n"
                 if self.stream_error_after_first is not None:
-                    yield b"data: " + orjson.dumps(self.stream_error_after_first) + b"\n\n"
+                    named = b"event: error\n" if self.stream_error_as_event else b""
+                    yield named + b"data: " + orjson.dumps(self.stream_error_after_first) + b"\n\n"
                 if self.stream_fail_after_first:
                     raise ConnectionResetError("the stand-in drops the connection mid-stream")
                 if self.stream_end_after_first:

@@ -349,9 +349,11 @@ async def test_a_gateway_that_refuses_stream_options_still_streams(
     assert gateway.received[0]["stream_options"] == {"include_usage": True}
 
 
+@pytest.mark.parametrize("as_event", [False, True])
 async def test_an_error_inside_the_stream_is_passed_on_redacted(
-    live: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+    live: httpx.AsyncClient, gateway: FakeGateway, redis: Redis, as_event: bool
 ) -> None:
+    gateway.stream_error_as_event = as_event
     gateway.stream_error_after_first = {
         "error": {"message": f"provider failed for key {GATEWAY_KEY.upper()}"}
     }

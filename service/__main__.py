@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 from types import FrameType
 
@@ -37,6 +38,12 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 20, 100)
 
 
+def graceful_shutdown_seconds(seconds: float) -> int:
+    """uvicorn takes whole seconds and reads 0 as "do not wait" but None as "wait forever":
+    round a fraction up, so a value under 1 never becomes an endless wait."""
+    return math.ceil(seconds)
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level)
@@ -44,7 +51,7 @@ def main() -> None:
         "host": settings.host,
         "port": settings.port,
         "log_config": logging_config(settings.log_level),
-        "timeout_graceful_shutdown": int(settings.shutdown_timeout_seconds) or None,
+        "timeout_graceful_shutdown": graceful_shutdown_seconds(settings.shutdown_timeout_seconds),
         "timeout_keep_alive": settings.keepalive_timeout_seconds,
         "proxy_headers": True,
         "server_header": False,

@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 timeout_seconds=cfg.gateway_timeout_seconds,
                 max_retries=cfg.gateway_max_retries,
                 retry_after_cap_seconds=cfg.gateway_retry_after_cap_seconds,
+                auth_scheme=cfg.gateway_auth_scheme,
             )
             policy = TurnPolicy(
                 default_model=cfg.default_model,
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 lock_wait_seconds=cfg.lock_wait_seconds,
                 lease_seconds=cfg.lock_ttl_seconds,
                 turn_seconds=cfg.gateway_timeout_seconds,
+                ping_seconds=cfg.sse_ping_seconds,
             )
             log.info(
                 "started",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -19,7 +20,6 @@ from service.auth import Caller
 from service.errors import (
     ConversationBusy,
     GatewayError,
-    GatewayTimeout,
     IdempotencyKeyReused,
     IdempotentRequestInFlight,
     OverTokenBudget,
@@ -35,6 +35,7 @@ from service.gateway import (
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
 from service.models import JSONObject, Message, Role
+from service.relay import relay_upstream
 from service.schemas import TurnCreate
 from service.store import (
     ConversationRef,
@@ -65,6 +66,7 @@ class TurnPolicy:
     lock_wait_seconds: float
     lease_seconds: float
     turn_seconds: float = 120.0  # the gateway's time limit: no turn holds its lease longer
+    ping_seconds: float = 15.0  # a comment line this often while a stream is silent
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class _Turn:
     raw_estimate: int  # the forwarded array, in local estimate units
     new_messages: list[JSONObject]
     renewal: Renewal
+    deadline: float  # loop time: the turn's one time limit, from taking the lease to the commit
 
 
 def fingerprint(turn: TurnCreate) -> str:
@@ -121,7 +124,10 @@ class ChatService:
         committed = False
         try:
             completion, reply = await self._gateway.complete(
-                opened.payload, client_key=caller.upstream_key, request_id=request_id
+                opened.payload,
+                client_key=caller.upstream_key,
+                request_id=request_id,
+                deadline=opened.deadline,
             )
             body = await self._commit(opened, completion, reply)
             committed = True
@@ -147,7 +153,10 @@ class ChatService:
             return _replay_as_sse(opened.body), True
         try:
             upstream = await self._gateway.open_stream(
-                opened.payload, client_key=caller.upstream_key, request_id=request_id
+                opened.payload,
+                client_key=caller.upstream_key,
+                request_id=request_id,
+                deadline=opened.deadline,
             )
         except BaseException:
             await self._abandon(opened)
@@ -167,18 +176,16 @@ class ChatService:
                     yield event
             else:
                 assembler = StreamAssembler()
-                deadline = upstream.started + self._policy.turn_seconds
-                finished = False
-                async for data in upstream.data_lines():
-                    if data == "[DONE]":
-                        finished = True
-                        break
-                    if time.perf_counter() > deadline:
-                        raise GatewayTimeout(f"the stream ran past {self._policy.turn_seconds:g} s")
-                    assembler.add(orjson.loads(data))
-                    yield b"data: " + data.encode() + b"\n\n"
-                if not (finished or assembler.finished):
-                    raise GatewayError("the gateway's stream ended before the answer did")
+                pieces = relay_upstream(
+                    upstream,
+                    assembler,
+                    deadline=turn.deadline,
+                    ping_seconds=self._policy.ping_seconds,
+                    limit_seconds=self._policy.turn_seconds,
+                )
+                async with contextlib.aclosing(pieces):
+                    async for piece in pieces:
+                        yield piece
                 completion = assembler.completion()
                 record_upstream_time(upstream.started)
                 timed = True
@@ -254,11 +261,14 @@ class ChatService:
         if isinstance(begun, Replay):
             metrics.TURNS.labels("replayed").inc()
             return begun
-        renewal = Renewal(
-            self._store, ref, lock_value, lease_ms=lease_ms, turn_seconds=self._policy.turn_seconds
-        )
+        # One deadline for the whole turn, from here: the gateway call, its retries and the stream
+        # all end by it, and the lease is renewed until it (and one lease beyond) has passed.
+        deadline = asyncio.get_running_loop().time() + self._policy.turn_seconds
+        renewal = Renewal(self._store, ref, lock_value, lease_ms=lease_ms, until=deadline)
         try:
-            return self._plan(ref, request, begun, lock_value, idempotency, new_wire, renewal)
+            return self._plan(
+                ref, request, begun, lock_value, idempotency, new_wire, renewal, deadline
+            )
         except BaseException:
             renewal.cancel()
             await self._store.release(ref, lock_value)
@@ -273,6 +283,7 @@ class ChatService:
         idempotency: Idempotency | None,
         new_wire: list[JSONObject],
         renewal: Renewal,
+        deadline: float,
     ) -> _Turn:
         meta = begun.meta
         model = request.model or (meta.model if meta else None) or self._policy.default_model
@@ -310,6 +321,7 @@ class ChatService:
             raw_estimate=raw,
             new_messages=new_wire,
             renewal=renewal,
+            deadline=deadline,
         )
 
     async def delete(self, ref: ConversationRef) -> bool:

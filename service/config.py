@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,10 @@ class Settings(BaseSettings):
     gateway_max_retries: int = Field(default=2, ge=0, le=10)
     gateway_retry_after_cap_seconds: float = Field(default=10.0, ge=0)
     gateway_max_connections: int = Field(default=1000, ge=1)
+    # The LLM Gateway documents a raw key (`Authorization: <key>`); OpenAI-style gateways want
+    # `Bearer <key>`. Raw by default: it is what the default GATEWAY_URL documents.
+    gateway_auth_scheme: Literal["bearer", "raw"] = "raw"
+    sse_ping_seconds: float = Field(default=15.0, gt=0)
 
     api_keys: SecretStr | None = None  # "name:key,name2:key2"
     default_model: str = "claude-sonnet-4-6"

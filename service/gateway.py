@@ -13,31 +13,32 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 from pydantic import SecretStr
 
 from service import metrics
-from service.errors import (
-    GatewayError,
-    GatewayRateLimited,
-    GatewayRejected,
-    GatewayTimeout,
-    ServiceError,
-    Unauthorized,
-)
+from service.errors import GatewayError, GatewayRejected, GatewayTimeout, Unauthorized
 from service.logs import annotate
 from service.models import JSONObject
+from service.sse import EventTooLarge, ServerSentEvent, SSEDecoder
+from service.upstream_errors import error_text, redact, retry_after_seconds, upstream_error
 
 log = logging.getLogger("service.gateway")
 
 BACKOFF_BASE_SECONDS = 0.25
 BACKOFF_CAP_SECONDS = 4.0
+# Statuses that say the request was not taken on (so it cannot have reached a model), retried only
+# when the gateway also says when to come back.
+RETRY_AFTER_STATUSES = (429, 503)
+MAX_REMEMBERED_MODELS = 1024
+
+AuthScheme = Literal["bearer", "raw"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,23 +52,34 @@ class Reply:
 
 @dataclass(slots=True)
 class UpstreamStream:
-    """An opened streaming call: either SSE lines to relay, or a plain JSON completion
+    """An opened streaming call: either SSE events to relay, or a plain JSON completion
     (a model may ignore `stream: true`)."""
 
     response: aiohttp.ClientResponse
     completion: JSONObject | None = None
     started: float = field(default_factory=time.perf_counter)
+    secrets: tuple[str, ...] = ()  # keys to redact from an error the stream itself reports
 
-    async def data_lines(self) -> AsyncIterator[str]:
-        """The payload of each `data:` line, as it arrives; a broken stream is a GatewayError."""
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        """The upstream's events, parsed to the SSE spec as they arrive; a broken, stalled or
+        oversized stream is a ServiceError."""
+        decoder = SSEDecoder()
         try:
-            async for raw in self.response.content:
-                if raw.startswith(b"data:"):
-                    yield raw[5:].strip().decode()
-        except TimeoutError as exc:  # no chunk within the time limit (aiohttp's sock_read)
+            async for piece in self.response.content.iter_any():
+                for event in decoder.feed(piece):
+                    yield event
+        except EventTooLarge as exc:
+            raise GatewayError(f"the gateway's stream is unreadable: {exc}") from exc
+        except TimeoutError as exc:  # no chunk within aiohttp's sock_read
             raise GatewayTimeout("the gateway's stream stalled") from exc
         except aiohttp.ClientError as exc:
             raise GatewayError(f"the gateway's stream broke off ({type(exc).__name__})") from exc
+
+    def error_in(self, body: bytes) -> GatewayError:
+        """An error the gateway sent inside the stream, as the client may see it."""
+        return GatewayError(
+            f"the gateway's stream failed: {redact(error_text(body), self.secrets)}"
+        )
 
     async def aclose(self) -> None:
         """Return the connection when the stream was read to its end; else drop it, which
@@ -125,30 +137,6 @@ def usage_count(usage: JSONObject, *names: str) -> int:
     return 0
 
 
-def _error_text(body: bytes) -> str:
-    """The gateway's message plus the specific reasons it listed, from any of its error shapes."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body[:300].decode("utf-8", "replace").strip() or "no details"
-    if not isinstance(data, dict):
-        return "no details"
-    error = data.get("error", data)
-    if isinstance(error, str):
-        return error
-    if not isinstance(error, dict):
-        return "no details"
-    message = str(error.get("message") or error.get("detail") or error.get("code") or "no details")
-    metadata = error.get("metadata")
-    reasons = (metadata.get("errors") if isinstance(metadata, dict) else None) or error.get(
-        "errors"
-    )
-    if isinstance(reasons, list) and reasons:
-        listed = "; ".join(r if isinstance(r, str) else orjson.dumps(r).decode() for r in reasons)
-        return f"{message}: {listed}"
-    return message
-
-
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
     try:
         body = await response.read()
@@ -162,23 +150,8 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
         raise GatewayError("the gateway's answer is not JSON") from exc
 
 
-def _retry_after_seconds(raw: str | None) -> float | None:
-    """Retry-After as seconds, from either of its forms: delay-seconds or an HTTP date."""
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, float(when.timestamp()) - time.time())
-
-
 class GatewayClient:
-    """POST {GATEWAY_URL}/chat/completions with retries on connection errors, 429 and 5xx."""
+    """POST {GATEWAY_URL}/chat/completions; retries only what cannot have reached a model."""
 
     def __init__(
         self,
@@ -189,6 +162,7 @@ class GatewayClient:
         timeout_seconds: float,
         max_retries: int,
         retry_after_cap_seconds: float,
+        auth_scheme: AuthScheme = "raw",
     ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + "/chat/completions"
@@ -196,58 +170,105 @@ class GatewayClient:
         self._timeout = timeout_seconds
         self._max_retries = max_retries
         self._retry_after_cap = retry_after_cap_seconds
+        self._auth_scheme = auth_scheme
+        # Models whose gateway refused `stream_options`: asked once per process, not per turn.
+        self._no_stream_usage: set[str] = set()
 
     @property
     def pass_through(self) -> bool:
         return self._api_key is None
 
-    def _headers(self, client_key: str | None, request_id: str) -> dict[str, str]:
+    def _key(self, client_key: str | None) -> str:
         key = self._api_key.get_secret_value() if self._api_key is not None else client_key
         if not key:
             raise Unauthorized("no gateway key")
+        return key
+
+    def _headers(self, key: str, request_id: str) -> dict[str, str]:
         return {
-            "Authorization": key,
+            "Authorization": f"Bearer {key}" if self._auth_scheme == "bearer" else key,
             "X-Request-ID": request_id,
             "Content-Type": "application/json",
+            # One per call, the same on each attempt: a gateway that honours it bills once.
+            "Idempotency-Key": uuid.uuid4().hex,
         }
 
     async def complete(
-        self, payload: JSONObject, *, client_key: str | None, request_id: str
+        self,
+        payload: JSONObject,
+        *,
+        client_key: str | None,
+        request_id: str,
+        deadline: float | None = None,
     ) -> tuple[JSONObject, Reply]:
-        """One completion: the gateway's JSON as it came, and the parsed reply."""
+        """One completion: the gateway's JSON as it came, and the parsed reply. `deadline` (loop
+        time) ends the call, retries included; by default GATEWAY_TIMEOUT_SECONDS from now."""
         started = time.perf_counter()
+        key = self._key(client_key)
         try:
-            async with self._deadline():
-                response = await self._send(payload, client_key, request_id)
+            async with self._deadline(deadline):
+                response = await self._send(payload, key, request_id)
                 completion = await _read_json(response)
         finally:
             record_upstream_time(started)
         return completion, parse_reply(completion)
 
     async def open_stream(
-        self, payload: JSONObject, *, client_key: str | None, request_id: str
+        self,
+        payload: JSONObject,
+        *,
+        client_key: str | None,
+        request_id: str,
+        deadline: float | None = None,
     ) -> UpstreamStream:
-        """Start a streamed completion and check its status before anything reaches the client."""
-        async with self._deadline():
-            response = await self._send({**payload, "stream": True}, client_key, request_id)
+        """Start a streamed completion and check its status before anything reaches the client.
+        Usage is asked for (`stream_options.include_usage`); a gateway that refuses the field for
+        a model is asked again without it, and for that model never again in this process."""
+        key = self._key(client_key)
+        model = str(payload.get("model"))
+        body: JSONObject = {**payload, "stream": True}
+        ask_usage = model not in self._no_stream_usage
+        if ask_usage:
+            given = payload.get("stream_options")
+            body["stream_options"] = {
+                **(given if isinstance(given, dict) else {}),
+                "include_usage": True,
+            }
+        async with self._deadline(deadline):
+            try:
+                response = await self._send(body, key, request_id)
+            except GatewayRejected as exc:
+                if not (ask_usage and exc.status_code == 400 and _names_stream_options(exc.detail)):
+                    raise
+                if len(self._no_stream_usage) < MAX_REMEMBERED_MODELS:
+                    self._no_stream_usage.add(model)
+                log.info("gateway refused stream_options", extra={"model": model[:100]})
+                body = {k: v for k, v in body.items() if k != "stream_options"}
+                response = await self._send(body, key, request_id)
+            secrets = self._secrets(key)
             if "text/event-stream" in response.headers.get("content-type", ""):
-                return UpstreamStream(response)
-            return UpstreamStream(response, completion=await _read_json(response))
+                return UpstreamStream(response, secrets=secrets)
+            return UpstreamStream(response, completion=await _read_json(response), secrets=secrets)
+
+    def _secrets(self, key: str) -> tuple[str, ...]:
+        return (key,)
 
     @contextlib.asynccontextmanager
-    async def _deadline(self) -> AsyncIterator[None]:
-        """GATEWAY_TIMEOUT_SECONDS over the whole call, retries included: 504 past it."""
+    async def _deadline(self, deadline: float | None) -> AsyncIterator[None]:
+        """The turn's deadline over the whole call, retries included: 504 past it."""
+        when = (
+            deadline if deadline is not None else asyncio.get_running_loop().time() + self._timeout
+        )
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(when):
                 yield
         except TimeoutError as exc:  # our deadline, or a read that outlived the time limit
             raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
 
-    async def _send(
-        self, payload: JSONObject, client_key: str | None, request_id: str
-    ) -> aiohttp.ClientResponse:
-        """Send with retries; returns an open 2xx response (the caller reads and releases it)."""
-        headers = self._headers(client_key, request_id)
+    async def _send(self, payload: JSONObject, key: str, request_id: str) -> aiohttp.ClientResponse:
+        """Send, retrying only what cannot have reached a model; returns an open 2xx response
+        (the caller reads and releases it)."""
+        headers = self._headers(key, request_id)
         body = orjson.dumps(payload)
         attempt = 0
         while True:
@@ -255,14 +276,26 @@ class GatewayClient:
                 response = await self._session.post(
                     self._url, data=body, headers=headers, allow_redirects=False
                 )
-            except TimeoutError:
-                raise
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # No connection was made, so nothing was sent: safe to try again.
                 if attempt >= self._max_retries:
-                    raise GatewayError("the gateway is unreachable (connection failed)") from exc
+                    what = (
+                        "connect timeout"
+                        if isinstance(exc, aiohttp.ConnectionTimeoutError)
+                        else "connection failed"
+                    )
+                    raise GatewayError(f"could not connect to the gateway ({what})") from exc
                 await self._backoff(attempt, None)
                 attempt += 1
                 continue
+            except aiohttp.ServerTimeoutError as exc:  # sent, then no answer within sock_read
+                raise GatewayTimeout(
+                    f"the gateway did not answer within {self._timeout:g} s"
+                ) from exc
+            except aiohttp.ClientError as exc:  # sent, then the connection broke: it may be billed
+                raise GatewayError(
+                    f"the gateway's connection broke off ({type(exc).__name__})"
+                ) from exc
             if response.status < 300:
                 return response
             try:
@@ -270,18 +303,24 @@ class GatewayClient:
             finally:
                 response.release()
             status = response.status
-            retry_after = _retry_after_seconds(response.headers.get("retry-after"))
-            retryable = status == 429 or status >= 500
-            capped = retry_after is not None and retry_after > self._retry_after_cap
-            if retryable and attempt < self._max_retries and not capped:
+            retry_after = retry_after_seconds(response.headers.get("retry-after"))
+            if (
+                status in RETRY_AFTER_STATUSES
+                and retry_after is not None
+                and retry_after <= self._retry_after_cap
+                and attempt < self._max_retries
+            ):
                 log.info("gateway retry", extra={"upstream_status": status, "attempt": attempt + 1})
                 await self._backoff(attempt, retry_after)
                 attempt += 1
                 continue
-            rate_limits = {
-                k: v for k, v in response.headers.items() if k.lower().startswith("x-ratelimit-")
-            }
-            raise self._error(status, error_body, retry_after, rate_limits)
+            raise upstream_error(
+                status,
+                error_body,
+                dict(response.headers),
+                secrets=self._secrets(key),
+                pass_through=self.pass_through,
+            )
 
     async def _backoff(self, attempt: int, retry_after: float | None) -> None:
         if retry_after is not None:
@@ -291,24 +330,7 @@ class GatewayClient:
         metrics.UPSTREAM_RETRIES.inc()
         await asyncio.sleep(delay)
 
-    def _error(
-        self, status: int, body: bytes, retry_after: float | None, rate_limits: dict[str, str]
-    ) -> ServiceError:
-        text = _error_text(body)
-        if self._api_key is not None:
-            text = text.replace(self._api_key.get_secret_value(), "[redacted]")
-        # Status only: the gateway's text can quote message content, which is never logged.
-        log.warning("gateway error", extra={"upstream_status": status})
-        if status == 429:
-            wait = retry_after if retry_after is not None else 1.0
-            return GatewayRateLimited(
-                f"the gateway's rate limit: {text}",
-                headers={**rate_limits, "Retry-After": str(max(1, round(wait)))},
-            )
-        if status in (401, 403):
-            if self.pass_through:
-                return Unauthorized(f"the gateway rejected the key: {text}")
-            return GatewayError("the gateway rejected the service's key")
-        if 400 <= status < 500:
-            return GatewayRejected(text, status=status)
-        return GatewayError(f"the gateway failed with status {status}: {text}")
+
+def _names_stream_options(detail: str) -> bool:
+    lowered = detail.lower()
+    return "stream_options" in lowered or "include_usage" in lowered

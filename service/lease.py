@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -60,11 +59,12 @@ class Renewal:
 
     Most turns end long before a third of the lease, so they cost one timer handle, cancelled
     cheaply, rather than a task that is started, parked and cancelled (measured by make bench).
-    Renewal stops after `turn_seconds` plus one lease, so a turn whose cleanup never ran (a stream
-    the server never started) cannot hold its conversation forever; a lease lost any other way is
-    caught at commit (fencing)."""
+    Renewal goes on until `until` (loop time: the turn's deadline, past which nothing of the turn
+    runs but its commit) has passed, so a turn whose cleanup never ran (a stream the server never
+    started) cannot hold its conversation forever; a lease lost any other way is caught at commit
+    (fencing)."""
 
-    __slots__ = ("_handle", "_lease_ms", "_lock_value", "_ref", "_store", "_task", "_turn_seconds")
+    __slots__ = ("_handle", "_lease_ms", "_lock_value", "_ref", "_store", "_task", "_until")
 
     def __init__(
         self,
@@ -73,13 +73,13 @@ class Renewal:
         lock_value: str,
         *,
         lease_ms: int,
-        turn_seconds: float,
+        until: float,
     ) -> None:
         self._store = store
         self._ref = ref
         self._lock_value = lock_value
         self._lease_ms = lease_ms
-        self._turn_seconds = turn_seconds
+        self._until = until
         self._task: asyncio.Task[None] | None = None
         self._handle = asyncio.get_running_loop().call_later(self._interval, self._start)
 
@@ -91,15 +91,17 @@ class Renewal:
         self._task = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        rounds = math.ceil((self._turn_seconds + self._lease_ms / 1000) / self._interval)
-        for n in range(rounds):
-            if n:  # the first interval went by on the timer
-                await asyncio.sleep(self._interval)
+        loop = asyncio.get_running_loop()
+        # The last renewal, at or after `until`, holds the lease one more lease past it.
+        while True:
             try:
                 if not await self._store.renew(self._ref, self._lock_value, self._lease_ms):
                     return
             except ServiceError:
                 log.warning("lease renewal failed")
+            if loop.time() >= self._until:
+                return
+            await asyncio.sleep(self._interval)
 
     def cancel(self) -> None:
         self._handle.cancel()

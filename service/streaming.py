@@ -12,10 +12,17 @@ import orjson
 from service.models import JSONObject
 
 DONE = b"data: [DONE]\n\n"
+PING_COMMENT = b": ping\n\n"  # a comment line: clients ignore it, proxies see traffic
 
 
 def sse_data(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def sse_relayed(event: str, data: str) -> bytes:
+    """An upstream event passed on as it came: its name unless the default, each data line."""
+    named = b"" if event == "message" else b"event: " + event.encode() + b"\n"
+    return named + b"".join(b"data: " + line.encode() + b"\n" for line in data.split("\n")) + b"\n"
 
 
 def sse_event(event: str, payload: Any) -> bytes:

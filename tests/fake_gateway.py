@@ -19,9 +19,10 @@ import orjson
 from aiohttp import web
 
 
-def gateway_tokens(messages: list[dict[str, Any]]) -> int:
-    """The stand-in's own count: deliberately not the service's estimate."""
-    total = 0
+def gateway_tokens(messages: list[dict[str, Any]], tools: list[Any] | None = None) -> int:
+    """The stand-in's own count: deliberately not the service's estimate. Tool definitions count,
+    as every real gateway counts them."""
+    total = len(orjson.dumps(tools)) // 3 if tools else 0
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
@@ -54,6 +55,12 @@ class FakeGateway:
     stream_fail_after_first: bool = False  # cut the stream after the first chunk
     stream_end_after_first: bool = False  # end it cleanly after the first chunk, unfinished
     hold: asyncio.Event | None = None  # every call waits for this before answering
+    auth_scheme: str | None = None  # "bearer": a raw key gets 500, as LiteLLM's proxy answers
+    reject_stream_options: bool = False  # 400 naming stream_options, as some gateways answer
+    sse_dialect: str = "lf"  # "crlf", "cr", or "rich" (multi-line data, comments, ids, events)
+    oversize_line_bytes: int = 0  # after the first chunk, a data line this long
+    stream_error_after_first: dict[str, Any] | None = None  # an error chunk, mid-stream
+    stream_error_as_event: bool = False  # send that error as `event: error`
     calls: int = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -69,6 +76,10 @@ class FakeGateway:
         self.received_headers.append({k.lower(): v for k, v in headers.items()})
         if self.hold is not None:
             await self.hold.wait()
+        if self.auth_scheme == "bearer" and not self.received_headers[-1].get(
+            "authorization", ""
+        ).startswith("Bearer "):
+            return 500, {"content-type": "application/json"}, b'{"error": "internal error"}'
         if self.failures:
             failure = self.failures.pop(0)
             return (
@@ -90,9 +101,28 @@ class FakeGateway:
                     }
                 ),
             )
+        if self.reject_stream_options and "stream_options" in body:
+            return (
+                400,
+                {"content-type": "application/json"},
+                orjson.dumps(
+                    {
+                        "error": {
+                            "message": "invalid request body",
+                            "metadata": {"errors": ["stream_options: unsupported parameter"]},
+                        }
+                    }
+                ),
+            )
         completion = self.completion(body)
         if body.get("stream") and not self.ignore_stream:
-            return 200, {"content-type": "text/event-stream"}, self._stream(completion)
+            options = body.get("stream_options")
+            with_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return (
+                200,
+                {"content-type": "text/event-stream"},
+                self._framed(self._stream(completion, with_usage=with_usage)),
+            )
         return 200, {"content-type": "application/json"}, orjson.dumps(completion)
 
     def reply_text(self, body: dict[str, Any]) -> str:
@@ -112,7 +142,7 @@ class FakeGateway:
                 choice["tool_calls"] = self.tool_calls
             else:
                 message["tool_calls"] = self.tool_calls
-        input_tokens = gateway_tokens(body["messages"])
+        input_tokens = gateway_tokens(body["messages"], body.get("tools"))
         output_tokens = len(message["content"] or "") // 3 + 1
         usage = (
             {"prompt_tokens": input_tokens, "completion_tokens": output_tokens}
@@ -128,7 +158,26 @@ class FakeGateway:
             "model": body["model"],
         }
 
-    async def _stream(self, completion: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _framed(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The events in this stand-in's SSE dialect; each arrives as `data: ...\n\n`."""
+        async for event in events:
+            if self.sse_dialect == "crlf":
+                yield event.replace(b"\n", b"\r\n")
+            elif self.sse_dialect == "cr":
+                yield event.replace(b"\n", b"\r")
+            elif self.sse_dialect == "rich" and event != b"data: [DONE]\n\n":
+                data = event[6:-2]
+                # Split the JSON after its first comma (that of the id, before any text: a
+                # newline there is whitespace), and deliver the event in two writes.
+                cut = data.find(b",") + 1
+                yield b": keep-alive\nid: 7\nevent: message\ndata: " + data[:cut]
+                yield b"\ndata:" + data[cut:] + b"\nretry: 1000\n\n"
+            else:
+                yield event
+
+    async def _stream(
+        self, completion: dict[str, Any], *, with_usage: bool
+    ) -> AsyncIterator[bytes]:
         message = completion["choices"][0]["message"]
         text = message["content"] or ""
         base = {
@@ -149,6 +198,11 @@ class FakeGateway:
                 + b"\n\n"
             )
             if index == 0:
+                if self.oversize_line_bytes:
+                    yield b"data: " + b"x" * self.oversize_line_bytes + b"\n\n"
+                if self.stream_error_after_first is not None:
+                    named = b"event: error\n" if self.stream_error_as_event else b""
+                    yield named + b"data: " + orjson.dumps(self.stream_error_after_first) + b"\n\n"
                 if self.stream_fail_after_first:
                     raise ConnectionResetError("the stand-in drops the connection mid-stream")
                 if self.stream_end_after_first:
@@ -196,11 +250,12 @@ class FakeGateway:
             )
             + b"\n\n"
         )
-        yield (
-            b"data: "
-            + orjson.dumps({**base, "choices": [], "usage": completion["usage"]})
-            + b"\n\n"
-        )
+        if with_usage:  # as OpenAI-style gateways: usage only when asked for
+            yield (
+                b"data: "
+                + orjson.dumps({**base, "choices": [], "usage": completion["usage"]})
+                + b"\n\n"
+            )
         yield b"data: [DONE]\n\n"
 
 

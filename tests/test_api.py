@@ -454,7 +454,7 @@ async def test_readyz_fails_without_redis(redis_url: str, gateway: FakeGateway) 
         ),
         (
             Failure(404, {"error": "model not found", "status": "error", "request_id": "r"}),
-            404,
+            422,  # not 404: that is "no such conversation" here
             "model not found",
         ),
         (
@@ -501,7 +501,7 @@ async def test_gateway_recovers_within_retries(
     client: httpx.AsyncClient, gateway: FakeGateway
 ) -> None:
     gateway.failures = [
-        Failure(500, {"error": "oops"}, {"retry-after": "0"}),
+        Failure(503, {"error": "oops"}, {"retry-after": "0"}),
         Failure(429, {"error": "slow down"}, {"retry-after": "0"}),
     ]
     response = await client.post("/conversations/g/messages", json=user("a"))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from email.utils import formatdate
 
@@ -16,12 +17,14 @@ from pydantic import SecretStr
 from service.errors import (
     GatewayError,
     GatewayRateLimited,
+    GatewayRejected,
     GatewayTimeout,
     ServiceError,
     Unauthorized,
 )
-from service.gateway import GatewayClient, Reply
+from service.gateway import AuthScheme, GatewayClient, Reply
 from service.models import JSONObject
+from service.upstream_errors import redact
 from tests.conftest import free_port
 
 COMPLETION = b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}], "usage": {}}'
@@ -56,19 +59,38 @@ def answer(status: int, body: bytes, **headers: str) -> web.Response:
 
 @asynccontextmanager
 async def gateway_for(
-    upstream: Upstream | None, *, key: str | None = "gw-key", retries: int = 2, timeout: float = 5.0
+    upstream: Upstream | None,
+    *,
+    key: str | None = "gw-key",
+    retries: int = 2,
+    timeout: float = 5.0,
+    scheme: AuthScheme = "raw",
+    port: int | None = None,
+    attempts: list[str] | None = None,
+    read_timeout: float | None = None,
 ) -> AsyncIterator[GatewayClient]:
-    """A GatewayClient pointed at `upstream` served on loopback (None: a port nobody serves)."""
+    """A GatewayClient pointed at `upstream` served on loopback (None: `port`, or a port nobody
+    serves); each connection attempt is appended to `attempts`."""
     app = web.Application()
     if upstream is not None:
         app.router.add_post("/v1/chat/completions", upstream.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
-    port = free_port()
+    port = port or free_port()
     if upstream is not None:
         await web.TCPSite(runner, "127.0.0.1", port).start()
+    trace = aiohttp.TraceConfig()
+
+    async def on_attempt(*_: object) -> None:
+        if attempts is not None:
+            attempts.append("connect")
+
+    trace.on_connection_create_start.append(on_attempt)
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(sock_connect=0.3, sock_read=read_timeout),
+            trace_configs=[trace],
+        ) as session:
             yield GatewayClient(
                 session,
                 base_url=f"http://127.0.0.1:{port}/v1",
@@ -76,6 +98,7 @@ async def gateway_for(
                 timeout_seconds=timeout,
                 max_retries=retries,
                 retry_after_cap_seconds=1,
+                auth_scheme=scheme,
             )
     finally:
         await runner.cleanup()
@@ -89,26 +112,79 @@ async def complete(
 
 
 async def test_connection_errors_are_retried_then_502() -> None:
-    with pytest.raises(GatewayError, match="unreachable"):
-        await complete(None, retries=2)
+    attempts: list[str] = []
+    with pytest.raises(GatewayError, match="could not connect"):
+        async with gateway_for(None, retries=2, attempts=attempts) as gateway:
+            await gateway.complete(PAYLOAD, client_key="client", request_id="r1")
+    assert len(attempts) == 3  # refused: nothing was sent, so each retry is safe
 
 
-async def test_a_dropped_connection_then_an_answer_succeeds() -> None:
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port whose listen backlog is full: a connection attempt hangs until it times out."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port: int = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in (*fillers, server):
+        sock.close()
+
+
+async def test_a_connect_timeout_is_retried_and_reported_as_such(unanswered_port: int) -> None:
+    attempts: list[str] = []
+    async with gateway_for(None, port=unanswered_port, retries=1, attempts=attempts) as gateway:
+        with pytest.raises(GatewayError, match="connect timeout") as caught:
+            await gateway.complete(PAYLOAD, client_key="client", request_id="r1")
+    assert caught.value.status_code == 502  # not "did not answer within 5 s" (504)
+    assert len(attempts) == 2
+
+
+async def test_a_dropped_connection_after_sending_is_not_retried() -> None:
     upstream = Upstream("reset", answer(200, COMPLETION))
-    _, reply = await complete(upstream)
-    assert reply.message["content"] == "hi"
-    assert len(upstream.calls) == 2
-    assert upstream.calls[0][1] == upstream.calls[1][1]  # the same body each time
+    with pytest.raises(GatewayError, match="broke off"):
+        await complete(upstream)
+    assert len(upstream.calls) == 1  # the request may have reached a model: never sent twice
     assert upstream.calls[0][0]["Authorization"] == "gw-key"
     assert upstream.calls[0][0]["X-Request-ID"] == "r1"
 
 
-async def test_5xx_without_a_usable_retry_after_backs_off_and_retries() -> None:
-    upstream = Upstream(
-        answer(502, b"bad gateway", **{"Retry-After": "soon"}), answer(200, COMPLETION)
-    )
-    await complete(upstream, retries=1)
-    assert len(upstream.calls) == 2
+async def test_503_with_retry_after_is_retried_with_the_same_idempotency_key() -> None:
+    upstream = Upstream(answer(503, b"busy", **{"Retry-After": "0"}), answer(200, COMPLETION))
+    async with gateway_for(upstream) as gateway:
+        _, reply = await gateway.complete(PAYLOAD, client_key="client", request_id="r1")
+        await gateway.complete(PAYLOAD, client_key="client", request_id="r2")
+    assert reply.message["content"] == "hi"
+    assert len(upstream.calls) == 3
+    keys = [headers["Idempotency-Key"] for headers, _ in upstream.calls]
+    assert keys[0] == keys[1]  # one call, two attempts: one key
+    assert keys[2] != keys[0]  # another call: another key
+    assert upstream.calls[0][1] == upstream.calls[1][1]  # the same body each time
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        answer(502, b"bad gateway", **{"Retry-After": "0"}),
+        answer(500, b'{"error": "internal"}', **{"Retry-After": "0"}),
+        answer(503, b"busy"),  # no Retry-After: nothing says it was not taken on
+        answer(503, b"busy", **{"Retry-After": "soon"}),
+        answer(429, b'{"error": "slow down"}'),
+    ],
+)
+async def test_failures_that_may_have_reached_a_model_are_not_retried(
+    behaviour: web.Response,
+) -> None:
+    upstream = Upstream(behaviour, answer(200, COMPLETION))
+    with pytest.raises(ServiceError):
+        await complete(upstream, retries=2)
+    assert len(upstream.calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -117,6 +193,7 @@ async def test_5xx_without_a_usable_retry_after_backs_off_and_retries() -> None:
         ("hang", GatewayTimeout),
         (answer(200, b"<html>oops</html>"), GatewayError),
         (answer(401, b'{"error": "bad key"}'), GatewayError),
+        (answer(403, b'{"error": "forbidden"}', **{"Retry-After": "0"}), GatewayError),
     ],
 )
 async def test_failures_map_to_service_errors(
@@ -164,3 +241,117 @@ async def test_a_retry_after_date_is_honoured_as_seconds() -> None:
         await complete(upstream, retries=2)
     assert len(upstream.calls) == 1  # a minute is over the cap: passed on, not waited for
     assert 55 <= int(caught.value.headers["Retry-After"]) <= 60
+
+
+@pytest.mark.parametrize(
+    ("scheme", "client_key", "service_key", "sent"),
+    [
+        ("bearer", None, "gw-key", "Bearer gw-key"),
+        ("raw", None, "gw-key", "gw-key"),
+        ("bearer", "own-key", None, "Bearer own-key"),  # pass-through: the caller's key
+        ("raw", "own-key", None, "own-key"),
+    ],
+)
+async def test_the_auth_scheme_applies_in_both_modes(
+    scheme: AuthScheme, client_key: str | None, service_key: str | None, sent: str
+) -> None:
+    upstream = Upstream(answer(200, COMPLETION))
+    async with gateway_for(upstream, key=service_key, scheme=scheme) as gateway:
+        await gateway.complete(PAYLOAD, client_key=client_key, request_id="r")
+    assert upstream.calls[0][0]["Authorization"] == sent
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        "gw-canary-secret-0000",
+        "GW-CANARY-SECRET-0000",  # the key upper-cased
+        "gw-canary-se...",  # the key cut short
+        "Gw-Canary-Secret-0000-and-more",
+    ],
+)
+async def test_the_key_never_comes_back_in_a_detail(leak: str) -> None:
+    body = b'{"error": {"message": "bad key ' + leak.encode() + b' given"}}'
+    for status in (400, 429, 500):
+        upstream = Upstream(answer(status, body, **{"X-RateLimit-Remaining": leak}))
+        with pytest.raises(ServiceError) as caught:
+            await complete(upstream, key="gw-canary-secret-0000", retries=0)
+        text = caught.value.detail + repr(caught.value.headers)
+        assert "canary" not in text.lower()
+        assert "[redacted]" in caught.value.detail
+
+
+def test_redaction_leaves_other_text_alone() -> None:
+    assert redact("model gpt-x is unknown", ("gw-canary-secret",)) == "model gpt-x is unknown"
+    assert redact("key GW-CANARY-SECRET!", ("gw-canary-secret",)) == "key [redacted]"
+
+
+async def test_only_chosen_headers_and_no_raw_body_are_passed_on() -> None:
+    upstream = Upstream(
+        answer(
+            429,
+            b'{"error": "slow down"}',
+            **{
+                "Retry-After": "30",
+                "X-RateLimit-Remaining-Requests": "0",
+                "X-RateLimit-Internal-Node": "gw-node-17",
+                "X-RateLimit-Limit": "30\tsee https://evil",
+                "Set-Cookie": "session=abc",
+            },
+        )
+    )
+    with pytest.raises(GatewayRateLimited) as caught:
+        await complete(upstream, retries=0)
+    assert caught.value.headers == {"x-ratelimit-remaining-requests": "0", "Retry-After": "30"}
+    html = Upstream(answer(500, b"<html>upstream 10.0.0.7 config dump</html>"))
+    with pytest.raises(GatewayError) as failed:
+        await complete(html, retries=0)
+    assert "10.0.0.7" not in failed.value.detail
+
+
+@pytest.mark.parametrize(
+    ("status", "ours"),
+    [(404, 422), (413, 422), (409, 502), (415, 502), (400, 400), (422, 422)],
+)
+async def test_gateway_statuses_never_collide_with_the_services_own(status: int, ours: int) -> None:
+    upstream = Upstream(answer(status, b'{"error": {"message": "unknown model nope"}}'))
+    with pytest.raises(ServiceError) as caught:
+        await complete(upstream, retries=0)
+    assert caught.value.status_code == ours
+    assert "unknown model nope" in caught.value.detail
+
+
+async def test_stream_options_refused_is_asked_again_without_and_remembered() -> None:
+    refused = answer(
+        400,
+        b'{"error": {"message": "invalid request body",'
+        b' "metadata": {"errors": ["stream_options: unsupported"]}}}',
+    )
+    sse = answer(200, b"data: [DONE]\n\n", **{"Content-Type": "text/event-stream"})
+    upstream = Upstream(refused, sse)
+    async with gateway_for(upstream) as gateway:
+        for _ in range(2):
+            stream = await gateway.open_stream(PAYLOAD, client_key=None, request_id="r")
+            await stream.aclose()
+        other = await gateway.open_stream(
+            {**PAYLOAD, "model": "other"}, client_key=None, request_id="r"
+        )
+        await other.aclose()
+    asked = [b'"stream_options":{"include_usage":true}' in body for _, body in upstream.calls]
+    assert asked == [True, False, False, True]  # refused once for "m", then never asked for it
+
+
+async def test_another_400_of_a_stream_is_not_retried() -> None:
+    upstream = Upstream(answer(400, b'{"error": {"message": "bad temperature"}}'))
+    async with gateway_for(upstream) as gateway:
+        with pytest.raises(GatewayRejected, match="bad temperature"):
+            await gateway.open_stream(PAYLOAD, client_key=None, request_id="r")
+    assert len(upstream.calls) == 1
+
+
+async def test_no_answer_within_the_read_timeout_is_504_and_not_retried() -> None:
+    upstream = Upstream("hang")
+    async with gateway_for(upstream, read_timeout=0.2, timeout=30) as gateway:
+        with pytest.raises(GatewayTimeout):
+            await gateway.complete(PAYLOAD, client_key=None, request_id="r")
+    assert len(upstream.calls) == 1  # sent: the model may be working on it

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -14,7 +16,10 @@ from redis.asyncio import Redis
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import CLIENT_KEY, free_port, with_gateway
+from service.errors import GatewayTimeout
+from service.relay import PING, paced
+from service.sse import EventTooLarge, ServerSentEvent, SSEDecoder
+from tests.conftest import CLIENT_KEY, GATEWAY_KEY, free_port, with_gateway
 from tests.fake_gateway import Failure, FakeGateway, serve_in_process
 from tests.polling import eventually
 
@@ -25,10 +30,14 @@ def streamed(text: str = QUESTION, **extra: Any) -> dict[str, Any]:
     return {"message": {"role": "user", "content": text}, "stream": True, **extra}
 
 
-@pytest.fixture
-async def live(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+@asynccontextmanager
+async def serving(
+    settings: Settings, gateway: FakeGateway, **overrides: object
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The service on a real loopback port with `overrides` to its settings."""
     async with serve_in_process(gateway) as gateway_url:
-        app = create_app(with_gateway(settings, gateway_url))
+        changed = Settings.model_validate({**settings.model_dump(), **overrides})
+        app = create_app(with_gateway(changed, gateway_url))
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
         task = asyncio.create_task(server.serve())
@@ -43,17 +52,25 @@ async def live(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.
         await task
 
 
+@pytest.fixture
+async def live(settings: Settings, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(settings, gateway) as http:
+        yield http
+
+
 def events_of(text: str) -> list[tuple[str | None, str]]:
+    """(event name, data) of each event; data lines joined as the spec says, comments skipped."""
     out = []
     for block in text.strip().split("\n\n"):
         event = None
-        data = ""
+        data = []
         for line in block.splitlines():
             if line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith("data:"):
-                data = line[5:].strip()
-        out.append((event, data))
+                data.append(line[5:].strip())
+        if data:
+            out.append((event, "\n".join(data)))
     return out
 
 
@@ -218,3 +235,213 @@ async def test_a_stream_that_ends_before_the_answer_stores_nothing(
     assert events[-1][0] == "error"
     assert orjson.loads(events[-1][1])["error"]["status"] == 502
     assert await redis.llen("conv:{acme:cut}:log") == 0
+
+
+@pytest.mark.parametrize("dialect", ["crlf", "cr", "rich"])
+async def test_upstream_sse_is_read_to_the_spec(
+    live: httpx.AsyncClient, gateway: FakeGateway, dialect: str
+) -> None:
+    gateway.sse_dialect = dialect
+    response = await live.post("/conversations/d/messages", json=streamed())
+    events = events_of(response.text)
+    assert events[-1] == (None, "[DONE]")
+    assert events[-2][0] == "conversation"
+    assert content_of(events) == f"reply to: {QUESTION}"
+    stored = (await live.get("/conversations/d/messages")).json()["messages"]
+    assert stored[1]["content"] == f"reply to: {QUESTION}"
+    usage = (await live.get("/conversations/d")).json()["usage"]
+    assert usage["input_tokens"] > 0
+
+
+async def test_a_line_over_the_limit_is_a_clean_error_event(
+    live: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    gateway.oversize_line_bytes = 1024 * 1024 + 1
+    response = await live.post("/conversations/big/messages", json=streamed())
+    name, data = events_of(response.text)[-1]
+    assert name == "error"
+    error = orjson.loads(data)["error"]
+    assert (error["status"], error["type"]) == (502, "/problems/bad-gateway")
+    assert "over 1048576 bytes" in error["detail"]
+    assert await redis.llen("conv:{acme:big}:log") == 0
+    assert not await redis.exists("conv:{acme:big}:lock")
+
+
+async def test_a_silent_upstream_gets_pings_and_the_turn_still_commits(
+    settings: Settings, gateway: FakeGateway
+) -> None:
+    gateway.stream_gate = asyncio.Event()
+    async with (
+        serving(settings, gateway, sse_ping_seconds=0.05) as http,
+        http.stream("POST", "/conversations/p/messages", json=streamed()) as response,
+    ):
+        lines = response.aiter_lines()
+        seen = [await anext(lines)]
+        while seen[-1] != ": ping":  # the upstream holds its stream: only pings can come
+            seen.append(await anext(lines))
+        gateway.stream_gate.set()
+        rest = "\n".join([line async for line in lines])
+        events = events_of("\n".join(seen) + "\n" + rest)
+        assert events[-2][0] == "conversation"
+        assert content_of(events) == f"reply to: {QUESTION}"
+
+
+async def test_the_turn_has_one_deadline_from_its_start(
+    settings: Settings, gateway: FakeGateway, redis: Redis
+) -> None:
+    """Headers late, then a stream that stalls until after the deadline: the turn ends at
+    GATEWAY_TIMEOUT_SECONDS from its start, even though, counted from the headers or from the last
+    chunk, the stream would have had time to finish."""
+    gateway.hold = asyncio.Event()
+    gateway.stream_gate = asyncio.Event()
+    async with serving(settings, gateway, gateway_timeout_seconds=2.0) as http:
+        request = asyncio.create_task(http.post("/conversations/t/messages", json=streamed()))
+        await eventually(lambda: gateway.calls == 1, what="the gateway call")
+        called = time.monotonic()  # the turn's deadline started before this: at most +2.0 s
+        # Time passing is what this test is about: the gateway answers late in the turn, and the
+        # rest of its stream comes after the turn's deadline but long before one counted from
+        # the headers (+1.2 +2.0 s).
+        await eventually(lambda: time.monotonic() - called > 1.2, what="most of the deadline")
+        gateway.hold.set()
+        await eventually(lambda: time.monotonic() - called > 2.4, what="the deadline to pass")
+        gateway.stream_gate.set()
+        response = await request
+    name, data = events_of(response.text)[-1]
+    assert name == "error"
+    error = orjson.loads(data)["error"]
+    assert error["status"] == 504
+    assert "ran past GATEWAY_TIMEOUT_SECONDS (2 s)" in error["detail"]
+    assert await redis.llen("conv:{acme:t}:log") == 0
+
+
+async def test_a_turn_held_past_its_lease_keeps_it_and_commits(
+    settings: Settings, gateway: FakeGateway, redis: Redis
+) -> None:
+    gateway.stream_gate = asyncio.Event()
+    async with (
+        serving(settings, gateway, lock_ttl_seconds=1) as http,
+        http.stream("POST", "/conversations/long/messages", json=streamed()) as response,
+    ):
+        lines = response.aiter_lines()
+        first = await anext(lines)
+        held = time.monotonic()
+
+        async def held_past_two_leases() -> bool:
+            assert await redis.exists("conv:{acme:long}:lock"), "the lease was lost"
+            return time.monotonic() - held > 2.5
+
+        await eventually(held_past_two_leases, what="the turn to outlive its lease")
+        gateway.stream_gate.set()
+        rest = "\n".join([line async for line in lines])
+    events = events_of(first + "\n\n" + rest)
+    assert events[-2][0] == "conversation", events[-1]
+    assert await redis.llen("conv:{acme:long}:log") == 2
+
+
+async def test_a_gateway_that_refuses_stream_options_still_streams(
+    live: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    gateway.reject_stream_options = True
+    for text in ("one", "two"):
+        response = await live.post("/conversations/o/messages", json=streamed(text))
+        assert events_of(response.text)[-2][0] == "conversation"
+    assert ["stream_options" in body for body in gateway.received] == [True, False, False]
+    assert gateway.received[0]["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("as_event", [False, True])
+async def test_an_error_inside_the_stream_is_passed_on_redacted(
+    live: httpx.AsyncClient, gateway: FakeGateway, redis: Redis, as_event: bool
+) -> None:
+    gateway.stream_error_as_event = as_event
+    gateway.stream_error_after_first = {
+        "error": {"message": f"provider failed for key {GATEWAY_KEY.upper()}"}
+    }
+    response = await live.post("/conversations/x/messages", json=streamed())
+    name, data = events_of(response.text)[-1]
+    assert name == "error"
+    detail = orjson.loads(data)["error"]["detail"]
+    assert "provider failed for key [redacted]" in detail
+    assert "canary" not in response.text.lower()
+    assert await redis.llen("conv:{acme:x}:log") == 0
+
+
+# ---- the SSE decoder and the pacing, without a network ------------------------------------
+
+
+def decode_in_pieces(raw: bytes, size: int) -> list[ServerSentEvent]:
+    decoder = SSEDecoder()
+    events = []
+    for i in range(0, len(raw), size):
+        events += decoder.feed(raw[i : i + size])
+    return events
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 1000])
+def test_the_decoder_follows_the_spec_whatever_the_pieces(size: int) -> None:
+    raw = (
+        b"\xef\xbb\xbf: a comment\r\n"
+        b"data: one\r\ndata:two\r\n\r\n"  # CRLF; a value without its optional space
+        b"event: update\rid: 9\rdata: three\r\r"  # CR alone
+        b"data\n\n"  # a field with no colon: empty data
+        b"id: 10\nretry: 5\nfoo: bar\n\n"  # no data: nothing dispatched
+        b"data: caf\xc3\xa9\n\n"
+        b"data: incomplete"  # never ended: discarded
+    )
+    assert decode_in_pieces(raw, size) == [
+        ServerSentEvent(data="one\ntwo"),
+        ServerSentEvent(data="three", event="update", id="9"),
+        ServerSentEvent(data="", id="9"),
+        ServerSentEvent(data="café", id="10"),
+    ]
+
+
+def test_the_decoder_bounds_lines_and_events() -> None:
+    with pytest.raises(EventTooLarge):
+        SSEDecoder(max_bytes=10).feed(b"data: " + b"x" * 20)  # a line never ended
+    with pytest.raises(EventTooLarge):
+        SSEDecoder(max_bytes=10).feed(b"data: " + b"x" * 20 + b"\n")
+    decoder = SSEDecoder(max_bytes=12)
+    with pytest.raises(EventTooLarge, match="an event"):
+        decoder.feed(b"data: 1234\ndata: 1234\ndata: 1234\n")  # lines fit, the event does not
+
+
+async def test_pacing_pings_a_silent_source_and_ends_it_at_the_deadline() -> None:
+    never = asyncio.Event()
+
+    async def silent() -> AsyncIterator[str]:
+        yield "first"
+        await never.wait()
+        yield "never"
+
+    loop = asyncio.get_running_loop()
+    items: list[object] = []
+
+    async def collect() -> None:
+        deadline = loop.time() + 0.5
+        async for item in paced(silent(), deadline=deadline, ping_seconds=0.1, limit_seconds=0.5):
+            items.append(item)
+
+    with pytest.raises(GatewayTimeout, match=r"\(0.5 s\)"):
+        await collect()
+    assert items[0] == "first"
+    assert PING in items
+    assert "never" not in items
+
+
+async def test_the_stand_in_is_as_strict_as_real_gateways() -> None:
+    """Usage streamed only when asked for; tool definitions counted as input."""
+    fake = FakeGateway()
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def streamed_usage(**extra: Any) -> bool:
+        _, _, content = await fake.respond({}, {**body, "stream": True, **extra})
+        assert not isinstance(content, bytes)
+        return any([b'"usage"' in piece async for piece in content])
+
+    assert not await streamed_usage()
+    assert await streamed_usage(stream_options={"include_usage": True})
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    plain = fake.completion(body)["usage"]["input_tokens"]
+    with_tools = fake.completion({**body, "tools": tools})["usage"]["input_tokens"]
+    assert with_tools > plain

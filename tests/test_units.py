@@ -10,8 +10,9 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.errors import GatewayError
-from service.gateway import _error_text, parse_reply
+from service.gateway import parse_reply
 from service.streaming import StreamAssembler, completion_as_sse
+from service.upstream_errors import error_text
 from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway
 
@@ -62,14 +63,14 @@ def test_settings_parse_keys_and_origins() -> None:
             "bad: max_tokens too large",
         ),
         (b'{"detail": "nope"}', "nope"),
-        (b"<html>Bad Gateway</html>", "<html>Bad Gateway</html>"),
+        (b"<html>Bad Gateway</html>", "no details"),  # never the raw body
         (b"", "no details"),
         (b"[1, 2]", "no details"),
         (b'{"error": 5}', "no details"),
     ],
 )
 def test_error_shapes(body: bytes, expected: str) -> None:
-    assert _error_text(body) == expected
+    assert error_text(body) == expected
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from service.deps import CallerDep
 from service.end_user_auth import CONV_CLAIM, EndUserTokens
@@ -35,6 +35,12 @@ class EndUserTokenCreate(BaseModel):
     ttl_seconds: Annotated[StrictInt, Field(ge=1)] | None = None
     model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
     max_tokens: Annotated[StrictInt, Field(gt=0, le=2**31)] | None = None
+
+    @field_validator("ttl_seconds", "max_tokens", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: object) -> object:
+        """JSON has one number type: `900.0` is the integer 900 to a JSON Schema, so to us too."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class EndUserTokenPublic(BaseModel):

@@ -328,6 +328,10 @@ async def test_minting_a_token(app: httpx.AsyncClient, gateway: FakeGateway) -> 
     assert outside.status_code == 403
     default = await app.post("/end-user-tokens", json={"sub": "u", "conv": "u"}, headers=tenant)
     assert default.json()["expires_in"] == 900
+    whole = {"sub": "u", "conv": "u", "ttl_seconds": 60.0, "max_tokens": 5.0}
+    assert (await app.post("/end-user-tokens", json=whole, headers=tenant)).json()[
+        "expires_in"
+    ] == 60
     assert jwt.decode(default.json()["token"], ACME_SECRET, algorithms=["HS256"])["scope"] == (
         "read write"
     )

@@ -156,6 +156,8 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
         ttl = update["ttl_seconds"]["anyOf"][0]
         ttl["minimum"] = 1
         ttl["maximum"] = settings.max_conversation_ttl_seconds
+    token_ttl = schemas["EndUserTokenCreate"]["properties"]["ttl_seconds"]["anyOf"][0]
+    token_ttl["maximum"] = settings.end_user_token_max_seconds
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     turn = schemas["TurnCreate"]["properties"]

@@ -125,6 +125,7 @@ FORGERIES: dict[str, Callable[[], str]] = {
     "max_tokens not a number": lambda: token(max_tokens="9"),
     "HS512, not pinned": lambda: jwt.encode(claims(), ACME_SECRET + ACME_SECRET, "HS512"),
     "garbage with dots": lambda: "a.b.c",
+    "a payload that is not JSON": lambda: token().split(".")[0] + ".bm90IGpzb24.c2ln",
 }
 
 
@@ -310,7 +311,11 @@ async def test_end_users_set_only_metadata(app: httpx.AsyncClient, redis: Redis)
 async def test_minting_a_token(app: httpx.AsyncClient, gateway: FakeGateway) -> None:
     tenant = {"Authorization": f"Bearer {CLIENT_KEY}"}
     body = {"sub": "user-9", "conv": "user-9:*", "scope": "read write", "ttl_seconds": 120}
-    minted = await app.post("/end-user-tokens", json={**body, "max_tokens": 30}, headers=tenant)
+    minted = await app.post(
+        "/end-user-tokens",
+        json={**body, "max_tokens": 30, "model": "claude-haiku-4-5"},
+        headers=tenant,
+    )
     assert minted.status_code == 200, minted.text
     grant = minted.json()
     assert grant["token_type"] == "Bearer"
@@ -324,6 +329,7 @@ async def test_minting_a_token(app: httpx.AsyncClient, gateway: FakeGateway) -> 
     )
     assert used.status_code == 200, used.text
     assert gateway.received[0]["max_tokens"] == 30
+    assert gateway.received[0]["model"] == "claude-haiku-4-5"
     outside = await app.get("/conversations/user-90/messages", headers=bearer(grant["token"]))
     assert outside.status_code == 403
     default = await app.post("/end-user-tokens", json={"sub": "u", "conv": "u"}, headers=tenant)
@@ -514,3 +520,19 @@ def _hs256_with_raw_key(payload: dict[str, Any], key: bytes) -> str:
     )
     signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{part(signature)}"
+
+
+async def test_the_demo_page_is_off_unless_asked_for(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    async with serve(end_user_settings(redis_url), gateway, key=None) as http:
+        assert (await http.get("/demo")).status_code == 404
+    async with serve(end_user_settings(redis_url, demo_page=True), gateway, key=None) as http:
+        page = await http.get("/demo")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert page.headers["referrer-policy"] == "no-referrer"
+        assert GATEWAY_KEY not in page.text
+        assert CLIENT_KEY not in page.text
+        assert "/demo" not in (await http.get("/openapi.json")).json()["paths"]

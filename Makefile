@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 UV := UV_PYTHON_DOWNLOADS=never $(BIN)/python -m uv
 
-.PHONY: install lock run test check lint fmt typecheck bench image
+.PHONY: install lock run demo test check lint fmt typecheck bench image
 
 $(VENV)/.uv-$(UV_VERSION):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ $(VENV)/.nginx: $(STAMP)
 	command -v nginx || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx)
 	touch $@
 
+# Chromium for the demo page's browser test: Debian's package, driven by Playwright (which
+# cannot download its own browsers here).
+$(VENV)/.chromium: $(STAMP)
+	command -v chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+	touch $@
+
 install: $(STAMP)
 
 # After changing pyproject.toml's dependencies: resolve again and rewrite uv.lock.
@@ -33,7 +39,11 @@ lock: $(VENV)/.uv-$(UV_VERSION)
 run: $(STAMP)
 	$(BIN)/python -m service
 
-test: lint typecheck $(VENV)/.nginx
+# The service with the chat page on and a demo user's token; prints the URL to open.
+demo: $(STAMP)
+	$(BIN)/python -m tests.demo_stack
+
+test: lint typecheck $(VENV)/.nginx $(VENV)/.chromium
 	$(BIN)/coverage erase && $(BIN)/coverage run -m pytest && $(BIN)/coverage combine -q && $(BIN)/coverage report --fail-under=95
 
 check: test

@@ -13,15 +13,17 @@ import aiohttp
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import routes
+from service import demo, end_user_routes, routes
 from service.auth import Authenticator
 from service.chat import ChatService, TurnPolicy
 from service.config import Settings, get_settings
 from service.embedded_redis import EmbeddedRedis
+from service.end_user_auth import EndUserTokens
 from service.errors import install_error_handlers
 from service.gateway import GatewayClient
 from service.middleware import CORS_EXPOSED, RequestMiddleware
 from service.openapi import install_openapi
+from service.rate_limits import RateLimiter
 from service.redis_client import open_redis
 from service.store import ConversationStore
 from service.summaries import SummaryPolicy, SummaryService
@@ -42,6 +44,8 @@ class State(TypedDict):
     store: ConversationStore
     chat: ChatService
     authenticator: Authenticator
+    end_user_tokens: EndUserTokens
+    limiter: RateLimiter
     lifecycle: Lifecycle
 
 
@@ -57,6 +61,27 @@ def _gateway_session(settings: Settings) -> aiohttp.ClientSession:
         sock_read=settings.gateway_timeout_seconds,
     )
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True)
+
+
+async def _end_user_tokens(
+    cfg: Settings, stack: AsyncExitStack, *, client_mode: bool
+) -> EndUserTokens:
+    """End-user tokens work in client-key mode only: in pass-through mode the caller's key goes
+    upstream as it is, and a token must never reach the gateway."""
+    secrets, jwks_urls = cfg.end_user_secrets(), cfg.end_user_jwks()
+    if not client_mode and (secrets or jwks_urls):
+        log.warning(
+            "END_USER_JWT_SECRETS / END_USER_JWKS_URLS are unused without API_KEYS: "
+            "pass-through mode neither mints nor accepts end-user tokens"
+        )
+    session = None
+    if client_mode and jwks_urls:
+        session = aiohttp.ClientSession()
+        stack.push_async_callback(session.close)
+    # Kept in pass-through mode too, so that a token sent there is known and refused.
+    return EndUserTokens(
+        secrets, jwks_urls, max_seconds=cfg.end_user_token_max_seconds, session=session
+    )
 
 
 def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None = None) -> FastAPI:
@@ -95,6 +120,8 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 pool_size=cfg.redis_pool_size,
                 pool_timeout_seconds=cfg.redis_pool_timeout_seconds,
             )
+            tenant_rates, end_user_rates = cfg.rate_tables()
+            limiter = RateLimiter(store, tenants=tenant_rates, end_users=end_user_rates)
             try:
                 await store.load_scripts()
             except Exception:  # Redis may come later: /readyz says so, requests get 503
@@ -105,6 +132,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                     "GATEWAY_API_KEY is unused without API_KEYS: pass-through mode "
                     "forwards each caller's own key"
                 )
+            end_user_tokens = await _end_user_tokens(cfg, stack, client_mode=bool(client_keys))
             gateway = GatewayClient(
                 session,
                 base_url=str(cfg.gateway_url),
@@ -146,7 +174,9 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 "settings": cfg,
                 "store": store,
                 "chat": ChatService(store, gateway, policy, summaries=summaries),
-                "authenticator": Authenticator(client_keys),
+                "authenticator": Authenticator(client_keys, end_user_tokens),
+                "end_user_tokens": end_user_tokens,
+                "limiter": limiter,
                 "lifecycle": life,
             }
             life.draining = True
@@ -160,9 +190,14 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
         strict_content_type=False,  # no Content-Type: read as JSON (others get 415 first)
     )
     app.include_router(routes.router)
+    app.include_router(end_user_routes.router)
     app.include_router(routes.ops)
+    own_routes = [*routes.router.routes, *end_user_routes.router.routes, *routes.ops.routes]
+    if cfg.demo_page:
+        app.include_router(demo.router)
+        own_routes += demo.router.routes
     install_openapi(app, cfg)
-    install_error_handlers(app, [*routes.router.routes, *routes.ops.routes])
+    install_error_handlers(app, own_routes)
     origins = cfg.cors_origin_list()
     if origins:
         app.add_middleware(

@@ -7,8 +7,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    HttpUrl,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service import end_user_auth, rate_limits
 
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _REDIS_SCHEMES = (
@@ -80,6 +89,14 @@ class Settings(BaseSettings):
     summary_max_tokens: int = Field(default=1024, ge=16, le=32_000)
     summary_retry_seconds: float = Field(default=60.0, ge=0)
 
+    # End users (issue 13): browser front ends holding short-lived tokens instead of keys.
+    end_user_jwt_secrets: SecretStr | None = None  # "tenant:<base64>,..." (HS256)
+    end_user_jwks_urls: str = ""  # "tenant:<url>,..." (RS256 / ES256)
+    end_user_token_max_seconds: int = Field(default=3600, ge=1)
+    end_user_rate: str = ""  # "20/minute" or "acme:20/minute,..."; empty: unlimited
+    tenant_rate: str = ""
+    demo_page: bool = False
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -110,6 +127,26 @@ class Settings(BaseSettings):
         _parse_api_keys(value.get_secret_value())  # fail at start-up, not per request
         return value
 
+    @field_validator("end_user_jwt_secrets")
+    @classmethod
+    def _end_user_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        end_user_auth.parse_secrets(value.get_secret_value())  # fail at start-up
+        return value
+
+    @field_validator("end_user_jwks_urls")
+    @classmethod
+    def _jwks_urls(cls, value: str) -> str:
+        end_user_auth.parse_jwks_urls(value)
+        return value
+
+    @field_validator("end_user_rate", "tenant_rate")
+    @classmethod
+    def _rates(cls, value: str, info: ValidationInfo) -> str:
+        rate_limits.parse_rates(value, str(info.field_name).upper())
+        return value
+
     @model_validator(mode="after")
     def _client_mode_needs_gateway_key(self) -> Settings:
         if self.api_keys is not None and self.gateway_api_key is None:
@@ -136,6 +173,21 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return {}
         return _parse_api_keys(self.api_keys.get_secret_value())
+
+    def end_user_secrets(self) -> dict[str, bytes]:
+        if self.end_user_jwt_secrets is None:
+            return {}
+        return end_user_auth.parse_secrets(self.end_user_jwt_secrets.get_secret_value())
+
+    def end_user_jwks(self) -> dict[str, str]:
+        return end_user_auth.parse_jwks_urls(self.end_user_jwks_urls)
+
+    def rate_tables(self) -> tuple[rate_limits.RateTable, rate_limits.RateTable]:
+        """(TENANT_RATE, END_USER_RATE)."""
+        return (
+            rate_limits.parse_rates(self.tenant_rate, "TENANT_RATE"),
+            rate_limits.parse_rates(self.end_user_rate, "END_USER_RATE"),
+        )
 
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

@@ -10,8 +10,10 @@ from fastapi import Depends, Header, Path, Request
 from service.auth import Authenticator, Caller
 from service.chat import ChatService
 from service.config import Settings
-from service.errors import InvalidRequest
+from service.end_user_auth import capped_turn
+from service.errors import Forbidden, InvalidRequest
 from service.logs import annotate
+from service.rate_limits import RateLimiter
 from service.schemas import CONVERSATION_ID, ConversationUpdate, TurnCreate
 from service.store import ConversationRef, ConversationStore
 
@@ -34,9 +36,12 @@ async def get_chat(request: Request) -> ChatService:
 
 
 async def get_caller(request: Request) -> Caller:
+    """The authenticated caller, once its tenant's and end user's rate limits let it in."""
     authenticator: Authenticator = request.state.authenticator
-    caller = authenticator.authenticate(request.headers.get("authorization"))
+    caller = await authenticator.authenticate(request.headers.get("authorization"))
     annotate(tenant=caller.tenant)
+    limiter: RateLimiter = request.state.limiter
+    await limiter.take(caller.tenant, caller.end_user.sub if caller.end_user else None)
     return caller
 
 
@@ -53,11 +58,14 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
 async def get_conversation(
+    request: Request,
     caller: CallerDep,
     conversation_id: Annotated[
         str, Path(min_length=1, max_length=128, pattern=CONVERSATION_ID.pattern)
     ],
 ) -> ConversationRef:
+    if caller.end_user is not None:  # reads need `read`; anything else changes something
+        caller.end_user.require(conversation_id, "read" if request.method == "GET" else "write")
     return ConversationRef(tenant=caller.tenant, id=conversation_id)
 
 
@@ -80,19 +88,29 @@ async def get_idempotency_key(
 IdempotencyKeyDep = Annotated[str | None, Depends(get_idempotency_key)]
 
 
-async def get_turn(body: TurnCreate, settings: SettingsDep) -> TurnCreate:
-    """The turn's body, refused when it names a field neither we nor the operator allow."""
+async def get_turn(body: TurnCreate, settings: SettingsDep, caller: CallerDep) -> TurnCreate:
+    """The turn's body, refused when it names a field neither we nor the operator allow, and
+    held to an end-user token's caps."""
     unknown = body.unknown_fields(settings.extra_gateway_params())
     if unknown:
         raise InvalidRequest(
             f"{unknown[0]}: not a parameter this service forwards "
             "(the operator may allow it with GATEWAY_EXTRA_PARAMS)"
         )
+    if caller.end_user is not None:
+        return capped_turn(body, caller.end_user)
     return body
 
 
-async def get_update(update: ConversationUpdate, settings: SettingsDep) -> ConversationUpdate:
-    """Settings within the operator's caps: token budget and time to live."""
+async def get_update(
+    update: ConversationUpdate, settings: SettingsDep, caller: CallerDep
+) -> ConversationUpdate:
+    """Settings within the operator's caps: token budget and time to live. End users may set
+    only `metadata`: the rest is the tenant's to decide."""
+    if caller.end_user is not None:
+        fields = sorted(update.model_fields_set - {"metadata"})
+        if fields:
+            raise Forbidden(f"{fields[0]}: an end-user token may set only metadata")
     if update.token_budget is not None and update.token_budget > settings.max_token_budget:
         raise InvalidRequest(
             f"token_budget: at most {settings.max_token_budget} (MAX_TOKEN_BUDGET)"

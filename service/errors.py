@@ -50,6 +50,18 @@ class Unauthorized(ServiceError):
     slug = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    title = "Forbidden"
+    slug = "forbidden"
+
+
+class RateLimited(ServiceError):
+    status = 429
+    title = "Rate limit"
+    slug = "rate-limit"
+
+
 class ConversationNotFound(ServiceError):
     status = 404
     title = "Conversation not found"

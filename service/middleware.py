@@ -77,7 +77,10 @@ def cors_headers(origins: frozenset[str], origin: bytes | None) -> list[tuple[by
     ]
 
 
-CORS_EXPOSED = "X-Request-ID, Idempotent-Replayed, Retry-After"
+CORS_EXPOSED = (
+    "X-Request-ID, Idempotent-Replayed, Retry-After, "
+    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, RateLimit-Policy"
+)
 
 
 class RequestMiddleware:

@@ -19,8 +19,9 @@ from service.schemas import Problem
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _STATUS_MEANINGS = {
     400: "Malformed JSON, or the gateway refused the request as malformed",
-    401: "No key, or a wrong one",
-    403: "The gateway refused the key",
+    401: "No key, or a wrong one; an end-user token that is bad, expired or too long-lived",
+    403: "An end-user token used outside its conversations, scope or caps; or the gateway "
+    "refused the key",
     404: "No such conversation for this tenant (or, from the gateway, no such model)",
     408: "The headers or body did not arrive in time",
     409: "The conversation stayed busy past LOCK_WAIT_SECONDS, or the same idempotent request "
@@ -28,19 +29,21 @@ _STATUS_MEANINGS = {
     413: "The body is over MAX_BODY_BYTES, or the new messages exceed the token budget",
     415: "The body is not JSON",
     422: "A bad id, field, type or limit, or an Idempotency-Key reused with another body",
-    429: "The gateway's rate limit, after retries",
+    429: "TENANT_RATE or END_USER_RATE (with Retry-After and RateLimit-* headers), or the "
+    "gateway's rate limit after retries",
     502: "The gateway failed or answered something that is not a completion",
     503: "Redis unreachable, or MAX_CONCURRENCY requests in flight",
     504: "The gateway did not answer within GATEWAY_TIMEOUT_SECONDS",
 }
-_CONVERSATION = [401, 404, 422, 503]
+_CONVERSATION = [401, 403, 404, 422, 429, 503]
 _ERRORS: dict[tuple[str, str], list[int]] = {
     ("post", "/conversations/{conversation_id}/messages"): sorted(_STATUS_MEANINGS),
     ("get", "/conversations/{conversation_id}/messages"): _CONVERSATION,
     ("get", "/conversations/{conversation_id}"): _CONVERSATION,
-    ("put", "/conversations/{conversation_id}"): [400, 401, 408, 413, 415, 422, 503],
-    ("delete", "/conversations/{conversation_id}"): [401, 404, 409, 422, 503],
-    ("get", "/conversations"): [401, 422, 503],
+    ("put", "/conversations/{conversation_id}"): [400, 401, 403, 408, 413, 415, 422, 429, 503],
+    ("delete", "/conversations/{conversation_id}"): [401, 403, 404, 409, 422, 429, 503],
+    ("get", "/conversations"): [401, 403, 422, 429, 503],
+    ("post", "/end-user-tokens"): [400, 401, 403, 408, 413, 415, 422, 429, 503],
     ("get", "/readyz"): [503],
 }
 _SAME_ID = {"conversation_id": "$request.path.conversation_id"}
@@ -66,6 +69,7 @@ _OPERATION_IDS = {
     ("put", "/conversations/{conversation_id}"): "PutConversation",
     ("delete", "/conversations/{conversation_id}"): "DeleteConversation",
     ("get", "/conversations"): "ListConversations",
+    ("post", "/end-user-tokens"): "MintEndUserToken",
 }
 
 
@@ -152,6 +156,8 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
         ttl = update["ttl_seconds"]["anyOf"][0]
         ttl["minimum"] = 1
         ttl["maximum"] = settings.max_conversation_ttl_seconds
+    token_ttl = schemas["EndUserTokenCreate"]["properties"]["ttl_seconds"]["anyOf"][0]
+    token_ttl["maximum"] = settings.end_user_token_max_seconds
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     turn = schemas["TurnCreate"]["properties"]
@@ -170,7 +176,14 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
             "scheme": "bearer",
             "description": "A client key from API_KEYS, or in pass-through mode the caller's own "
             "gateway key (a raw key without `Bearer` is accepted too).",
-        }
+        },
+        "endUserToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "An end-user token (client-key mode): a JWT with `iss` (the tenant), "
+            "`sub`, `conv`, `scope`, `exp` and optional `model` / `max_tokens` caps.",
+        },
     }
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
@@ -178,6 +191,8 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
             if key in _OPERATION_IDS:
                 operation["operationId"] = _OPERATION_IDS[key]
             if path.startswith("/conversations"):
+                operation["security"] = [{"clientKey": []}, {"endUserToken": []}]
+            elif path == "/end-user-tokens":
                 operation["security"] = [{"clientKey": []}]
             responses = operation["responses"]
             responses.pop("422", None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -33,7 +35,8 @@ from service.schemas import (
     Usage,
     timestamp,
 )
-from service.store import ConversationStore
+from service.store import ConversationRef, ConversationStore
+from service.streaming import DONE
 
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 ops = APIRouter(tags=["operations"])
@@ -69,6 +72,7 @@ async def post_turn(
     ref: ConversationDep,
     caller: CallerDep,
     chat: ChatDep,
+    store: StoreDep,
     request_id: RequestIdDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
@@ -77,12 +81,28 @@ async def post_turn(
             ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
         )
         headers = {**SSE_HEADERS, "Idempotent-Replayed": "true"} if replayed else SSE_HEADERS
+        if caller.end_user is not None:
+            events = _indexed_when_done(events, store, ref, caller.end_user.sub)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     result = await chat.turn(
         ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
     )
+    if caller.end_user is not None:
+        await store.touch_user_index(ref, caller.end_user.sub)
     replay = {"Idempotent-Replayed": "true"} if result.replayed else None
     return Response(result.body, media_type="application/json", headers=replay)
+
+
+async def _indexed_when_done(
+    events: AsyncIterator[bytes], store: ConversationStore, ref: ConversationRef, sub: str
+) -> AsyncIterator[bytes]:
+    """The stream, then the end user's index, once the turn is stored (its last event)."""
+    last = b""
+    async with contextlib.aclosing(events):  # type: ignore[type-var] # an async generator
+        async for last in events:
+            yield last
+    if last == DONE:
+        await store.touch_user_index(ref, sub)
 
 
 @router.get("/{conversation_id}/messages", response_model_exclude_unset=True)
@@ -110,12 +130,15 @@ async def get_conversation(
 async def put_conversation(
     update: UpdateDep,
     ref: ConversationDep,
+    caller: CallerDep,
     store: StoreDep,
     settings: SettingsDep,
     response: Response,
 ) -> ConversationPublic:
     set_fields, clear_fields = update.meta_changes()
     created = await store.upsert(ref, set_fields=set_fields, clear_fields=clear_fields)
+    if caller.end_user is not None:
+        await store.touch_user_index(ref, caller.end_user.sub)
     response.status_code = 201 if created else 200
     return await _public(store, ref, settings)
 
@@ -134,8 +157,15 @@ async def list_conversations(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(pattern=CURSOR.pattern, max_length=200)] = None,
 ) -> ConversationList:
+    end_user = caller.end_user
+    if end_user is not None:  # only what this end user wrote, and only what the token covers
+        end_user.require(None, "read")
     items, next_cursor = await store.list_conversations(
-        caller.tenant, limit=limit, cursor=_decode_cursor(cursor) if cursor else None
+        caller.tenant,
+        limit=limit,
+        cursor=_decode_cursor(cursor) if cursor else None,
+        sub=end_user.sub if end_user else None,
+        keep=end_user.allows if end_user else None,
     )
     return ConversationList(
         conversations=[

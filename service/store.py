@@ -10,7 +10,8 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
   conv:{T:I}:idemkeys   set of the idem keys above, so DELETE can remove them
 Per tenant: conv:{T}:index, a sorted set of conversation ids by last activity (epoch seconds),
-expiring MAX_CONVERSATION_TTL_SECONDS after its last write.
+expiring MAX_CONVERSATION_TTL_SECONDS after its last write; conv:{T}:user:<hash of sub>:index,
+the same for what one end user wrote.
 Per model: conv:calibration, a hash of token-estimate correction factors.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -66,6 +68,11 @@ class ConversationRef:
     @property
     def index_key(self) -> str:
         return f"conv:{{{self.tenant}}}:index"
+
+
+def user_index_key(tenant: str, sub: str) -> str:
+    """One end user's conversations, beside the tenant's index; `sub` hashed (any characters)."""
+    return f"conv:{{{tenant}}}:user:{hashlib.sha256(sub.encode()).hexdigest()[:32]}:index"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +218,13 @@ class ConversationStore:
         self._sha: dict[str, str] = {}
         self._factors: dict[str, float] = {}
         self._factors_read = -FACTORS_REFRESH_SECONDS
+
+    def register_script(self, name: str, source: str) -> None:
+        """A script of another module (rate limits), loaded and reloaded with the store's own."""
+        self._sources[name] = source
+
+    async def run_script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._script(name, keys, args)
 
     async def load_scripts(self) -> None:
         for name, source in self._sources.items():
@@ -497,11 +511,33 @@ class ConversationStore:
                 await self._call(lambda: self._redis.zrem(ref.index_key, ref.id))
         return bool(int(answer[1]))
 
+    async def touch_user_index(self, ref: ConversationRef, sub: str) -> None:
+        """Note an end user's write in their own index (a derived view, like the tenant's)."""
+        index, now, ttl = user_index_key(ref.tenant, sub), time.time(), self._index_ttl
+
+        def fill(pipe: Any) -> None:
+            pipe.zadd(index, {ref.id: now})
+            if ttl > 0:
+                pipe.expire(index, ttl)
+
+        try:
+            await self._pipeline(fill)
+        except (StoreUnavailable, RedisError) as exc:
+            metrics.INDEX_WRITE_FAILURES.inc()
+            log.warning("end user's index not updated", extra={"error": type(exc).__name__})
+
     async def list_conversations(
-        self, tenant: str, *, limit: int, cursor: tuple[float, str] | None
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        cursor: tuple[float, str] | None,
+        sub: str | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> tuple[list[ConversationSummary], tuple[float, str] | None]:
-        """Newest activity first; `cursor` is the (score, id) of the last item already seen."""
-        index = ConversationRef(tenant, "").index_key
+        """Newest activity first; `cursor` is the (score, id) of the last item already seen.
+        With `sub`, the end user's own index; `keep` leaves out ids the caller may not see."""
+        index = user_index_key(tenant, sub) if sub else ConversationRef(tenant, "").index_key
         top: float | str = cursor[0] if cursor else "+inf"
         found: list[tuple[float, ConversationSummary]] = []
         offset, batch = 0, limit + 8
@@ -524,6 +560,7 @@ class ConversationStore:
                 (float(score), _text(member))
                 for member, score in rows
                 if not (cursor and float(score) == cursor[0] and _text(member) >= cursor[1])
+                and (keep is None or keep(_text(member)))
             ]
             summaries = await self._summaries(tenant, [cid for _, cid in fresh])
             gone = [

@@ -2,8 +2,8 @@
 
 `python -m tests.gateway_server PORT` serves POST /v1/chat/completions with FakeGateway's logic,
 plus control routes for tests: GET /_received (bodies received, in order), POST /_config (JSON:
-delay_seconds, hold, ignore_stream, chunk_size, ...), POST /_release (let held calls answer),
-POST /_reset.
+delay_seconds, hold, stream_gate, ignore_stream, chunk_size, ...), POST /_release (let held
+calls and gated streams go on), POST /_reset.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class GatewayServer:
             self.delay_seconds = float(config.pop("delay_seconds"))
         if config.pop("hold", False):
             self.fake.hold = asyncio.Event()
+        if config.pop("stream_gate", False):  # streams pause after their first chunk
+            self.fake.stream_gate = asyncio.Event()
         for name, value in config.items():
             setattr(self.fake, name, value)
         return web.Response(status=204)
@@ -59,6 +61,9 @@ class GatewayServer:
         if self.fake.hold is not None:
             self.fake.hold.set()
             self.fake.hold = None
+        if self.fake.stream_gate is not None:
+            self.fake.stream_gate.set()
+            self.fake.stream_gate = None
         return web.Response(status=204)
 
     async def reset(self, _request: web.Request) -> web.Response:

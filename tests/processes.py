@@ -229,6 +229,12 @@ class GatewayControl:
         bodies: list[dict[str, Any]] = response.json()["received"]
         return bodies
 
+    async def received_headers(self) -> list[dict[str, str]]:
+        response = await self._http.get(f"{self._url}/_received")
+        response.raise_for_status()
+        headers: list[dict[str, str]] = response.json()["headers"]
+        return headers
+
     async def configure(self, **config: Any) -> None:
         response = await self._http.post(f"{self._url}/_config", json=config)
         response.raise_for_status()

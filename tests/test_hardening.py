@@ -417,7 +417,7 @@ async def test_openapi_describes_auth_answers_and_errors(client: httpx.AsyncClie
     document = (await client.get("/openapi.json")).json()
     assert document["components"]["securitySchemes"]["clientKey"]["scheme"] == "bearer"
     turn = document["paths"]["/conversations/{conversation_id}/messages"]["post"]
-    assert turn["security"] == [{"clientKey": []}]
+    assert turn["security"] == [{"clientKey": []}, {"endUserToken": []}]
     answer = turn["responses"]["200"]["content"]
     assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/TurnPublic"}
     assert "text/event-stream" in answer

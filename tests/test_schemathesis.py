@@ -4,6 +4,7 @@ against a real `python -m service` on real Redis and the stand-in gateway."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,8 @@ def service_for_schemathesis(
         gateway_process.base_url,
         log_dir=log_dir,
         TOKEN_BUDGET="200000",  # generated messages are never over the budget
+        # POST /end-user-tokens mints for this tenant (else every generated request is 403).
+        END_USER_JWT_SECRETS=f"acme:{base64.b64encode(b'schemathesis-secret-' * 2).decode()}",
         LOCK_WAIT_SECONDS="10",
     )
     yield replica

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import orjson
 
 from service.models import ConversationMeta, JSONObject, Message, Role
-from service.tokens import message_tokens
 
 # The summariser's instructions: the first message of every summary request (the stand-in gateway
 # recognises summary calls by it).
@@ -107,11 +106,6 @@ def summary_message(state: SummaryState) -> JSONObject | None:
             f"no longer shown):\n{state.text}"
         ),
     }
-
-
-def summary_message_tokens(state: SummaryState) -> int:
-    wire = summary_message(state)
-    return message_tokens(wire) if wire is not None else 0
 
 
 def _turns(messages: Sequence[Message]) -> list[list[Message]]:

@@ -671,3 +671,66 @@ async def test_a_summary_job_at_shutdown_is_cancelled_cleanly(
     raw = await redis.hgetall("conv:{acme:sd}:meta")
     assert b"summary_text" not in raw
     assert await redis.pttl("conv:{acme:sd}:sumlock") > 0
+
+
+async def test_a_long_job_keeps_its_lease_and_a_lost_lease_stops_the_renewal(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    await fill(client, 3)
+    gateway.summary_hold = asyncio.Event()
+    lease = REF.key("sumlock")
+    async with summarizer(redis, gateway, lease_seconds=0.3) as service:
+        job = asyncio.ensure_future(run(service, 4))
+        await eventually(lambda: len(gateway.summary_received) == 1, what="the call")
+        seen = [await redis.pttl(lease)]
+
+        async def renewed() -> bool:
+            now = await redis.pttl(lease)
+            seen.append(now)
+            return now > seen[-2]  # the time left went up: renewed
+
+        await eventually(renewed, what="a renewal")
+        await eventually(renewed, what="another renewal")
+        await redis.set(lease, "another job's")  # lost: renewals stop, nothing is overwritten
+        gateway.summary_hold.set()
+        assert await job == "stored"  # compare and set still holds: nothing newer was stored
+    assert await redis.get(lease) == b"another job's"  # never renewed nor released by us
+
+
+async def test_unreadable_records_are_left_out_of_a_summary(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    await fill(client, 3)
+    await redis.lset(REF.key("log"), 0, b"not json")
+    await redis.lset(REF.key("log"), 1, b"{}")
+    unreadable = REGISTRY.get_sample_value("convproxy_unreadable_records_total") or 0.0
+    async with summarizer(redis, gateway) as service:
+        assert await run(service, 2) == "covered"  # nothing readable: no call
+        assert not await redis.exists(REF.key("sumlock"))
+        assert gateway.summary_received == []
+        assert await run(service, 4) == "stored"
+    _, folded = summary_parts(gateway.summary_received[0])
+    assert [m["seq"] for m in folded] == [3, 4]
+    assert (REGISTRY.get_sample_value("convproxy_unreadable_records_total") or 0) >= unreadable + 4
+
+
+async def test_turns_do_not_start_jobs_while_backing_off(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    gateway.summary_failures = [Failure(500, {"error": "boom"})]
+    settings = make_settings(redis_url, summary="on", summary_retry_seconds=600)
+    async with serve(settings, gateway) as http:
+        await http.put("/conversations/b", json={"token_budget": 300})
+        await until_dropped(http, "b")
+        await eventually(lambda: _failures(http, "b"), what="the failed job to be recorded")
+        backoff = jobs("backoff")
+        after = await http.post("/conversations/b/messages", json=user("more"))
+        assert after.status_code == 200  # the turn is untouched
+        assert after.json()["conversation"]["context"]["summary"] is None
+        assert jobs("backoff") == backoff + 1
+        assert len(gateway.summary_received) == 1
+
+
+async def _failures(http: httpx.AsyncClient, cid: str) -> bool:
+    failures: int = (await http.get(f"/conversations/{cid}")).json()["summary"]["failures"]
+    return failures > 0

@@ -701,8 +701,8 @@ async def test_unreadable_records_are_left_out_of_a_summary(
     client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
 ) -> None:
     await fill(client, 3)
-    await redis.lset(REF.key("log"), 0, b"not json")
-    await redis.lset(REF.key("log"), 1, b"{}")
+    await redis.lset(REF.key("log"), 0, "not json")
+    await redis.lset(REF.key("log"), 1, "{}")
     unreadable = REGISTRY.get_sample_value("convproxy_unreadable_records_total") or 0.0
     async with summarizer(redis, gateway) as service:
         assert await run(service, 2) == "covered"  # nothing readable: no call

@@ -1,9 +1,9 @@
 """The stand-in gateway as a real HTTP server, for end-to-end tests with several replicas.
 
 `python -m tests.gateway_server PORT` serves POST /v1/chat/completions with FakeGateway's logic,
-plus control routes for tests: GET /_received (bodies received, in order), POST /_config (JSON:
-delay_seconds, hold, stream_gate, ignore_stream, chunk_size, ...), POST /_release (let held
-calls and gated streams go on), POST /_reset.
+plus control routes for tests: GET /_received (bodies received, in order; summary calls apart),
+POST /_config (JSON: delay_seconds, hold, stream_gate, summary_hold, ignore_stream, chunk_size,
+...), POST /_release (let held calls, gated streams and held summary calls go on), POST /_reset.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class GatewayServer:
             self.fake.hold = asyncio.Event()
         if config.pop("stream_gate", False):  # streams pause after their first chunk
             self.fake.stream_gate = asyncio.Event()
+        if config.pop("summary_hold", False):  # summary calls wait
+            self.fake.summary_hold = asyncio.Event()
         for name, value in config.items():
             setattr(self.fake, name, value)
         return web.Response(status=204)
@@ -64,6 +66,9 @@ class GatewayServer:
         if self.fake.stream_gate is not None:
             self.fake.stream_gate.set()
             self.fake.stream_gate = None
+        if self.fake.summary_hold is not None:
+            self.fake.summary_hold.set()
+            self.fake.summary_hold = None
         return web.Response(status=204)
 
     async def reset(self, _request: web.Request) -> web.Response:

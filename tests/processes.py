@@ -229,6 +229,12 @@ class GatewayControl:
         bodies: list[dict[str, Any]] = response.json()["received"]
         return bodies
 
+    async def summary_received(self) -> list[dict[str, Any]]:
+        response = await self._http.get(f"{self._url}/_received")
+        response.raise_for_status()
+        bodies: list[dict[str, Any]] = response.json()["summary_received"]
+        return bodies
+
     async def received_headers(self) -> list[dict[str, str]]:
         response = await self._http.get(f"{self._url}/_received")
         response.raise_for_status()

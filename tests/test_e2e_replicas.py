@@ -297,3 +297,69 @@ async def test_sigterm_drains_turns_in_flight_then_exits_cleanly(
     returncode = await asyncio.to_thread(victim.wait)
     # uvicorn re-raises the stop signal once drained, as process managers expect (143 / -15).
     assert returncode in (0, -signal.SIGTERM), victim.log_tail()
+
+
+async def test_a_replica_killed_mid_summary_leaves_the_old_one_and_another_carries_on(
+    fresh: GatewayControl, redis: Redis, spawn_replica: Callable[..., Replica]
+) -> None:
+    on = {"SUMMARY": "on", "SUMMARY_RETRY_SECONDS": "0", "TOKEN_BUDGET": "300"}
+    victim, survivor = spawn_replica(**on), spawn_replica(**on)
+    conversation_id = "crash-mid-summary"
+    ref = ConversationRef(TENANT, conversation_id)
+    url = f"{survivor.url}/conversations/{conversation_id}"
+
+    async with httpx.AsyncClient(headers=AUTH, timeout=CLIENT_TIMEOUT) as http:
+
+        async def summary() -> Json:
+            body: Json = (await http.get(url)).json()["summary"]
+            return body
+
+        async def ask(replica: Replica, i: int) -> Json:
+            response = await http.post(
+                turn_url(replica, conversation_id), json=turn(f"question number {i}, " * 3)
+            )
+            assert response.status_code == 200, response.text
+            body: Json = response.json()["conversation"]["context"]
+            return body
+
+        i = 0
+        while (await ask(victim, i))["dropped_messages"] == 0:
+            i += 1
+        await eventually(
+            lambda: _has_version(summary, 1), what="the first summary", timeout=WAIT_SECONDS
+        )
+        first = await summary()
+
+        await fresh.configure(summary_hold=True)
+        while len(await fresh.summary_received()) < 2:  # turns until a second job is under way
+            i += 1
+            await ask(victim, i)
+        assert await redis.pttl(ref.key("sumlock")) > 0  # the victim's job holds its lease
+        victim.kill()
+        assert await summary() == first  # the old summary is intact
+        await fresh.release()
+
+        async def lease_gone() -> bool:
+            return not await redis.exists(ref.key("sumlock"))
+
+        await eventually(lease_gone, what="the dead job's lease to expire", timeout=WAIT_SECONDS)
+        i += 1
+        context = await ask(survivor, i)  # a later turn, on another replica, notices the gap
+        assert context["summary"] == {
+            "version": first["version"],
+            "covers_through": first["covers_through"],
+        }
+        assert context["summary_lag"] > 0
+        await eventually(
+            lambda: _has_version(summary, 2), what="the next summary", timeout=WAIT_SECONDS
+        )
+    calls = await fresh.summary_received()
+    assert len(calls) == 3  # the first, the killed one, and the survivor's
+    assert calls[2]["messages"][1]["content"].startswith(
+        "Previous summary:\n" + first["text"] + "\n"
+    )
+
+
+async def _has_version(summary: Callable[[], Any], version: int) -> bool:
+    current: Json = await summary()
+    return bool(current["version"] >= version)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import time
@@ -50,7 +49,7 @@ from service.store import (
 )
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
 from service.summaries import SummaryService
-from service.summary_plan import SummaryUse, turn_context
+from service.summary_plan import SummaryUse, promotion, turn_context
 from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, message_tokens, next_factor
 from service.trim import BudgetExceeded, Window, choose_window
 
@@ -345,7 +344,7 @@ class ChatService:
                 if summary is None or summary.message is None:
                     raise
                 # The summary does not fit beside the new messages: this turn goes without it.
-                summary = dataclasses.replace(summary, message=None, tokens=0)
+                summary = summary.without()
                 window = choose(summary)
         except BudgetExceeded as exc:
             raise OverTokenBudget(str(exc)) from exc
@@ -431,6 +430,7 @@ class ChatService:
             meta_updates["model"] = turn.request.model
         if turn.request.system is not None:
             meta_updates["system"] = turn.request.system
+        meta_updates.update(promotion(turn.summary))
         factor = None
         if reply.input_tokens > 0:
             factor = next_factor(

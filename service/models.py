@@ -71,6 +71,11 @@ class ConversationMeta(BaseModel):
     summary_version: int = 0
     summary_by: str | None = None
     summary_at: float | None = None
+    summary_next_text: str | None = None  # a newer one, forwarded once the window passes it
+    summary_next_through: int = 0
+    summary_next_version: int = 0
+    summary_next_by: str | None = None
+    summary_next_at: float | None = None
     summary_input_tokens: int = 0
     summary_output_tokens: int = 0
     summary_failures: int = 0

@@ -410,14 +410,17 @@ class SummaryPublic(BaseModel):
         cls, meta: ConversationMeta, *, default_enabled: bool, default_model: str | None
     ) -> SummaryPublic:
         state = summary_state(meta)
+        newest = state.newest
         return cls(
             enabled=summaries_enabled(meta, default=default_enabled),
             model=meta.summary_model or default_model,
-            text=state.text,
-            covers_through=state.covers_through,
-            version=state.version,
-            created_at=timestamp(state.created_at) if state.created_at is not None else None,
-            written_by=state.model,
+            text=newest.text if newest else None,
+            covers_through=newest.covers_through if newest else 0,
+            version=newest.version if newest else 0,
+            created_at=(
+                timestamp(newest.created_at) if newest and newest.created_at is not None else None
+            ),
+            written_by=newest.model if newest else None,
             usage=SummaryUsage(input_tokens=state.input_tokens, output_tokens=state.output_tokens),
             failures=state.failures,
             retry_after=timestamp(state.retry_at) if state.retry_at else None,

@@ -64,12 +64,15 @@ class SummaryService:
         self._jobs: dict[ConversationRef, asyncio.Task[Outcome]] = {}
 
     def for_turn(self, meta: ConversationMeta | None, turn_model: str) -> SummaryUse:
+        """The newest summary, with summaries on; the forwarded history starts after it."""
         enabled = summaries_enabled(meta, default=self._policy.enabled)
         state = summary_state(meta)
-        message = summary_message(state) if enabled else None
+        record = state.newest if enabled else None
+        message = summary_message(record)
         return SummaryUse(
             enabled=enabled,
             state=state,
+            record=record,
             message=message,
             tokens=message_tokens(message) if message is not None else 0,
             model=summary_model(meta, default=self._policy.model, turn_model=turn_model),

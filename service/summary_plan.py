@@ -8,6 +8,7 @@ that trimming leaves out anyway.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,18 +36,46 @@ MAX_CHARS_PER_TOKEN = 8
 
 
 @dataclass(frozen=True, slots=True)
-class SummaryState:
-    """A conversation's stored summary and the health of its job (from the metadata hash)."""
+class SummaryRecord:
+    """One stored summary: it covers seq 1 to `covers_through`."""
 
-    text: str | None
-    covers_through: int  # the last seq the summary covers; 0: no summary
+    text: str
+    covers_through: int
     version: int
     model: str | None  # the model that wrote it
     created_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryState:
+    """A conversation's summaries and the health of its job (from the metadata hash).
+
+    Two records, so a summary made ahead of the window's next jump (`next`) never replaces the
+    one forwarded until then (`current`): the forwarded prefix changes only when the window start
+    moves. A turn that forwards `next` makes it `current` in its commit."""
+
+    current: SummaryRecord | None
+    next: SummaryRecord | None
     input_tokens: int  # totals of every summary call, apart from the turns' usage
     output_tokens: int
     failures: int  # consecutive failed jobs; 0 after a success
     retry_at: float  # epoch seconds: no job before this (back-off)
+
+    @property
+    def newest(self) -> SummaryRecord | None:
+        records = [r for r in (self.current, self.next) if r is not None]
+        return max(records, key=lambda r: (r.covers_through, r.version), default=None)
+
+    @property
+    def covers_through(self) -> int:
+        """How far the newest summary reaches; 0: none."""
+        newest = self.newest
+        return newest.covers_through if newest is not None else 0
+
+    def usable(self, start: int) -> SummaryRecord | None:
+        """The newest summary that covers nothing at or after seq `start` (a window's first)."""
+        records = [r for r in (self.current, self.next) if r and r.covers_through < start]
+        return max(records, key=lambda r: (r.covers_through, r.version), default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,29 +84,66 @@ class SummaryUse:
 
     enabled: bool
     state: SummaryState
-    message: JSONObject | None  # the system message after the pinned prompt; None: none forwarded
+    record: SummaryRecord | None  # the summary forwarded; None: none
+    message: JSONObject | None  # the system message after the pinned prompt
     tokens: int  # its local estimate
     model: str  # the summariser's model
 
     @property
     def covers_through(self) -> int:
-        return self.state.covers_through if self.message is not None else 0
+        return self.record.covers_through if self.record is not None else 0
+
+    def without(self) -> SummaryUse:
+        """The same, forwarding no summary."""
+        return dataclasses.replace(self, record=None, message=None, tokens=0)
+
+
+def _record(
+    text: str | None, through: int, version: int, model: str | None, at: float | None
+) -> SummaryRecord | None:
+    if not text or through <= 0:
+        return None
+    return SummaryRecord(text, through, version, model, at)
 
 
 def summary_state(meta: ConversationMeta | None) -> SummaryState:
     if meta is None:
-        return SummaryState(None, 0, 0, None, None, 0, 0, 0, 0.0)
+        return SummaryState(None, None, 0, 0, 0, 0.0)
     return SummaryState(
-        text=meta.summary_text,
-        covers_through=meta.summary_through if meta.summary_text else 0,
-        version=meta.summary_version,
-        model=meta.summary_by,
-        created_at=meta.summary_at,
+        current=_record(
+            meta.summary_text,
+            meta.summary_through,
+            meta.summary_version,
+            meta.summary_by,
+            meta.summary_at,
+        ),
+        next=_record(
+            meta.summary_next_text,
+            meta.summary_next_through,
+            meta.summary_next_version,
+            meta.summary_next_by,
+            meta.summary_next_at,
+        ),
         input_tokens=meta.summary_input_tokens,
         output_tokens=meta.summary_output_tokens,
         failures=meta.summary_failures,
         retry_at=meta.summary_retry_at,
     )
+
+
+def promotion(use: SummaryUse | None) -> dict[str, str]:
+    """Metadata a turn's commit writes when it forwarded the `next` summary: it becomes
+    `current`, so a later job may store another `next` without touching what is forwarded."""
+    if use is None or use.record is None or use.record == use.state.current:
+        return {}
+    record = use.record
+    return {
+        "summary_text": record.text,
+        "summary_through": str(record.covers_through),
+        "summary_version": str(record.version),
+        "summary_by": record.model or "",
+        "summary_at": repr(record.created_at or 0.0),
+    }
 
 
 def summaries_enabled(meta: ConversationMeta | None, *, default: bool) -> bool:
@@ -94,16 +160,16 @@ def summary_model(meta: ConversationMeta | None, *, default: str | None, turn_mo
     return default or turn_model
 
 
-def summary_message(state: SummaryState) -> JSONObject | None:
+def summary_message(record: SummaryRecord | None) -> JSONObject | None:
     """The system message forwarded right after the pinned system prompt. Its bytes depend only
-    on the stored summary, so it changes only when a new summary is stored."""
-    if not state.text or state.covers_through <= 0:
+    on the stored summary, so they change only when another summary is forwarded."""
+    if record is None:
         return None
     return {
         "role": "system",
         "content": (
-            f"Summary of the earlier conversation (messages 1 to {state.covers_through}, "
-            f"no longer shown):\n{state.text}"
+            f"Summary of the earlier conversation (messages 1 to {record.covers_through}, "
+            f"no longer shown):\n{record.text}"
         ),
     }
 
@@ -181,18 +247,21 @@ def summary_text(reply_content: object, *, max_tokens: int) -> str | None:
 
 
 def uncovered(first_forwarded_seq: int, state: SummaryState) -> int:
-    """Stored messages before the window that no summary covers (the summary's lag)."""
+    """Stored messages before the window that no stored summary covers yet."""
     return max(0, first_forwarded_seq - 1 - state.covers_through)
 
 
 def turn_context(use: SummaryUse | None, first_forwarded_seq: int) -> JSONObject:
-    """The summary a turn forwarded, and how many left-out messages no forwarded summary covers
+    """The summary a turn forwarded, and how many left-out messages it does not cover
     (`summary_lag`); both null with summaries off."""
     if use is None or not use.enabled:
         return {"summary": None, "summary_lag": None}
-    if use.message is None:
-        return {"summary": None, "summary_lag": max(0, first_forwarded_seq - 1)}
+    record = use.record
     return {
-        "summary": {"version": use.state.version, "covers_through": use.state.covers_through},
-        "summary_lag": uncovered(first_forwarded_seq, use.state),
+        "summary": (
+            {"version": record.version, "covers_through": record.covers_through}
+            if record is not None
+            else None
+        ),
+        "summary_lag": max(0, first_forwarded_seq - 1 - use.covers_through),
     }

@@ -22,39 +22,60 @@ from service.models import Message
 from service.redis_scripts import RELEASE_LOCK, RENEW_LOCK
 from service.store import ConversationRef, RedisClient
 
+# The newest of the two stored summaries (`current`, `next`): its text, how far it reaches, and
+# the newest version number of either (the compare-and-set base).
+_NEWEST = r"""
+local function newest(meta)
+  local f = redis.call('HMGET', meta, 'summary_text', 'summary_through', 'summary_version',
+                       'summary_next_text', 'summary_next_through', 'summary_next_version')
+  local current = f[1] and tonumber(f[2] or '0') or 0
+  local upcoming = f[4] and tonumber(f[5] or '0') or 0
+  local version = math.max(tonumber(f[3] or '0'), tonumber(f[6] or '0'))
+  if upcoming > current then return f[4], upcoming, version end
+  return f[1] or '', current, version
+end
+"""
+
 # KEYS: meta, log, sumlock   ARGV: lease value, lease ms, now, through, max messages.
 # Answers {'gone'} | {'backoff'} | {'covered'} | {'busy'}
-#       | {'ok', created_at, version, previous text, covers_through, messages after it}.
-BEGIN = r"""
+#       | {'ok', created_at, base version, newest text, its covers_through, messages after it}.
+BEGIN = (
+    _NEWEST
+    + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local retry_at = tonumber(redis.call('HGET', KEYS[1], 'summary_retry_at') or '0')
 if retry_at > tonumber(ARGV[3]) then return {'backoff'} end
-local covered = tonumber(redis.call('HGET', KEYS[1], 'summary_through') or '0')
+local text, covered, version = newest(KEYS[1])
 local through = math.min(tonumber(ARGV[4]), redis.call('LLEN', KEYS[2]))
 if covered >= through then return {'covered'} end
 if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
-local state = redis.call('HMGET', KEYS[1], 'created_at', 'summary_version', 'summary_text')
 local last = math.min(through, covered + tonumber(ARGV[5]))
-return {'ok', state[1] or '', state[2] or '0', state[3] or '', covered,
+return {'ok', redis.call('HGET', KEYS[1], 'created_at') or '', tostring(version), text, covered,
         redis.call('LRANGE', KEYS[2], covered, last - 1)}
 """
+)
 
 # KEYS: meta, log, sumlock   ARGV: lease value, created_at, base version, covers_through, text,
 # model, now, input tokens, output tokens.  Answers 'ok' | 'stale' | 'gone'.
+# Stored as `next`: the `current` one stays as it is until a turn forwards the new one.
 # The call's usage counts even when its summary is discarded: it was spent.
-COMMIT = r"""
+COMMIT = (
+    _NEWEST
+    + r"""
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 if redis.call('HGET', KEYS[1], 'created_at') ~= ARGV[2] then return 'gone' end
 redis.call('HINCRBY', KEYS[1], 'summary_input_tokens', ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'summary_output_tokens', ARGV[9])
-local version = redis.call('HGET', KEYS[1], 'summary_version') or '0'
-if version ~= ARGV[3] then return 'stale' end
+local _, _, version = newest(KEYS[1])
+if tostring(version) ~= ARGV[3] then return 'stale' end
 if redis.call('LLEN', KEYS[2]) < tonumber(ARGV[4]) then return 'stale' end
-redis.call('HSET', KEYS[1], 'summary_text', ARGV[5], 'summary_through', ARGV[4],
-           'summary_version', tonumber(version) + 1, 'summary_by', ARGV[6], 'summary_at', ARGV[7])
+redis.call('HSET', KEYS[1], 'summary_next_text', ARGV[5], 'summary_next_through', ARGV[4],
+           'summary_next_version', version + 1, 'summary_next_by', ARGV[6],
+           'summary_next_at', ARGV[7])
 redis.call('HDEL', KEYS[1], 'summary_failures', 'summary_retry_at')
 return 'ok'
 """
+)
 
 # KEYS: meta, sumlock   ARGV: lease value, created_at, now, first back-off s, longest back-off s.
 # Counts the failure and sets when the next job may run; answers the consecutive failures.

@@ -25,9 +25,11 @@ from service.summaries import SummaryPolicy, SummaryService
 from service.summary_plan import (
     NO_PREVIOUS,
     SUMMARY_INSTRUCTIONS,
+    SummaryRecord,
     SummaryState,
     SummaryUse,
     next_cut,
+    promotion,
     summaries_enabled,
     summary_message,
     summary_model,
@@ -53,20 +55,14 @@ def msg(seq: int, role: Role, content: Any = "x", **extra: Any) -> Message:
     return Message(tokens=10, seq=seq, role=role, content=content, created_at=0.0, **extra)
 
 
-def state(**fields: Any) -> SummaryState:
-    values: dict[str, Any] = {
-        "text": None,
-        "covers_through": 0,
-        "version": 0,
-        "model": None,
-        "created_at": None,
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "failures": 0,
-        "retry_at": 0.0,
-    }
-    values.update(fields)
-    return SummaryState(**values)
+def record(through: int, version: int, text: str = "facts") -> SummaryRecord:
+    return SummaryRecord(text, through, version, "m", 1.0)
+
+
+def state(
+    current: SummaryRecord | None = None, upcoming: SummaryRecord | None = None
+) -> SummaryState:
+    return SummaryState(current, upcoming, 0, 0, 0, 0.0)
 
 
 def jobs(outcome: str) -> float:
@@ -122,27 +118,52 @@ def test_summary_text_is_trimmed_capped_and_never_empty() -> None:
 
 
 def test_the_forwarded_summary_message_and_the_turns_context() -> None:
-    assert summary_message(state()) is None
-    stored = state(text="facts", covers_through=4, version=2)
-    wire = summary_message(stored)
+    assert summary_message(None) is None
+    stored = state(record(4, 2))
+    wire = summary_message(stored.current)
     assert wire is not None
     assert wire["role"] == "system"
     assert wire["content"].endswith("(messages 1 to 4, no longer shown):\nfacts")
-    assert summary_message(stored) == wire  # the same bytes every turn until a new version
+    assert summary_message(record(4, 2)) == wire  # the same bytes every turn until another one
     assert uncovered(9, stored) == 4
     assert uncovered(3, stored) == 0
-    used = SummaryUse(enabled=True, state=stored, message=wire, tokens=20, model="m")
+    used = SummaryUse(True, stored, stored.current, wire, 20, "m")
     assert used.covers_through == 4
     assert turn_context(used, 9) == {
         "summary": {"version": 2, "covers_through": 4},
         "summary_lag": 4,
     }
-    left_out = SummaryUse(enabled=True, state=stored, message=None, tokens=0, model="m")
+    left_out = used.without()
     assert left_out.covers_through == 0
+    assert left_out.message is None
     assert turn_context(left_out, 9) == {"summary": None, "summary_lag": 8}
-    off = SummaryUse(enabled=False, state=stored, message=None, tokens=0, model="m")
+    off = SummaryUse(False, stored, None, None, 0, "m")
     assert turn_context(off, 9) == {"summary": None, "summary_lag": None}
     assert turn_context(None, 9) == {"summary": None, "summary_lag": None}
+
+
+def test_a_summary_made_ahead_waits_until_the_window_passes_it() -> None:
+    both = state(record(4, 2, "old"), record(10, 3, "new"))
+    assert both.newest == record(10, 3, "new")
+    assert both.covers_through == 10
+    assert both.usable(8) == record(4, 2, "old")  # the window still shows 5..10
+    assert both.usable(11) == record(10, 3, "new")
+    assert both.usable(4) is None
+    assert state().newest is None
+    assert state().covers_through == 0
+    # A turn that forwards the newer one makes it `current` in its commit...
+    forwarding_next = SummaryUse(True, both, both.next, None, 0, "m")
+    assert promotion(forwarding_next) == {
+        "summary_text": "new",
+        "summary_through": "10",
+        "summary_version": "3",
+        "summary_by": "m",
+        "summary_at": "1.0",
+    }
+    # ...and one that forwards `current`, or nothing, writes nothing.
+    assert promotion(SummaryUse(True, both, both.current, None, 0, "m")) == {}
+    assert promotion(SummaryUse(True, both, None, None, 0, "m")) == {}
+    assert promotion(None) == {}
 
 
 def test_settings_of_a_conversation_override_the_defaults() -> None:
@@ -256,10 +277,10 @@ async def test_a_job_folds_exactly_the_given_messages_incrementally(
     async with summarizer(redis, gateway) as service:
         assert await run(service, 4) == "stored"
         first = await meta(redis)
-        assert first["summary_version"] == "1"
-        assert first["summary_through"] == "4"
-        assert first["summary_by"] == "summarizer"
-        assert first["summary_text"] == summary_of(gateway.summary_received[0])
+        assert first["summary_next_version"] == "1"
+        assert first["summary_next_through"] == "4"
+        assert first["summary_next_by"] == "summarizer"
+        assert first["summary_next_text"] == summary_of(gateway.summary_received[0])
         previous, messages = summary_parts(gateway.summary_received[0])
         assert previous == NO_PREVIOUS
         assert [m["seq"] for m in messages] == [1, 2, 3, 4]
@@ -270,10 +291,10 @@ async def test_a_job_folds_exactly_the_given_messages_incrementally(
         assert await run(service, 8) == "stored"
         second = await meta(redis)
         previous, messages = summary_parts(gateway.summary_received[1])
-        assert previous == first["summary_text"]
+        assert previous == first["summary_next_text"]
         assert [m["seq"] for m in messages] == [5, 6, 7, 8]
-        assert second["summary_version"] == "2"
-        assert second["summary_through"] == "8"
+        assert second["summary_next_version"] == "2"
+        assert second["summary_next_through"] == "8"
         assert gateway.summary_headers[0]["authorization"] == GATEWAY_KEY
     # Usage of summary calls is kept apart from the turns' usage.
     body = (await client.get(f"/conversations/{REF.id}")).json()
@@ -281,7 +302,7 @@ async def test_a_job_folds_exactly_the_given_messages_incrementally(
     assert body["summary"]["usage"]["input_tokens"] == sum(u["input_tokens"] for u in reported)
     assert body["summary"]["version"] == 2
     assert body["summary"]["covers_through"] == 8
-    assert body["summary"]["text"] == second["summary_text"]
+    assert body["summary"]["text"] == second["summary_next_text"]
     assert body["usage"]["input_tokens"] == sum(
         gateway.completion(r)["usage"]["input_tokens"] for r in gateway.received
     )
@@ -299,7 +320,7 @@ async def test_a_large_backlog_is_folded_in_rounds(
         [3, 4],
         [5, 6],
     ]
-    assert (await meta(redis))["summary_version"] == "3"
+    assert (await meta(redis))["summary_next_version"] == "3"
 
 
 async def test_racing_replicas_store_one_version_per_cut(
@@ -316,7 +337,7 @@ async def test_racing_replicas_store_one_version_per_cut(
         gateway.summary_hold.set()
         assert await first == "stored"
     assert len(gateway.summary_received) == 1
-    assert (await meta(redis))["summary_version"] == "1"
+    assert (await meta(redis))["summary_next_version"] == "1"
 
 
 async def test_a_job_that_lost_the_race_stores_nothing(
@@ -335,8 +356,8 @@ async def test_a_job_that_lost_the_race_stores_nothing(
         held.set()
         assert await late == "stale"
     after = await meta(redis)
-    assert after["summary_version"] == "1"
-    assert after["summary_text"] == stored["summary_text"]
+    assert after["summary_next_version"] == "1"
+    assert after["summary_next_text"] == stored["summary_next_text"]
     # Both calls were spent: both count in the summary usage.
     assert int(after["summary_output_tokens"]) == 2 * int(stored["summary_output_tokens"])
 
@@ -365,7 +386,7 @@ async def test_a_killed_job_leaves_the_old_summary_and_blocks_only_until_its_lea
             lambda: _gone(redis, REF.key("sumlock")), what="the lease to expire", timeout=5
         )
         assert await run(service, 8) == "stored"  # ...and nothing is wedged after it
-    assert (await meta(redis))["summary_version"] == "2"
+    assert (await meta(redis))["summary_next_version"] == "2"
 
 
 async def _gone(redis: Redis, key: str) -> bool:
@@ -505,7 +526,7 @@ async def summarized(http: httpx.AsyncClient, cid: str) -> bool:
 
 
 async def test_what_the_window_drops_is_summarized_and_forwarded_next_turn(
-    summary_settings: Settings, gateway: FakeGateway
+    summary_settings: Settings, gateway: FakeGateway, redis: Redis
 ) -> None:
     async with serve(summary_settings, gateway) as http:
         await http.put("/conversations/s", json={"token_budget": 300, "system": "Be brief."})
@@ -536,6 +557,9 @@ async def test_what_the_window_drops_is_summarized_and_forwarded_next_turn(
         first_forwarded = next(m["seq"] for m in stored if m["content"] == forwarded[2]["content"])
         assert new_context["summary_lag"] == first_forwarded - 1 - summary["covers_through"]
         assert first_forwarded > summary["covers_through"]
+        # The turn that forwarded the new summary made it the current one.
+        current = await redis.hmget("conv:{acme:s}:meta", ["summary_text", "summary_version"])
+        assert current == [summary["text"].encode(), str(summary["version"]).encode()]
 
 
 async def test_summaries_off_never_call_the_gateway_for_one(

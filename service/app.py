@@ -26,6 +26,8 @@ from service.openapi import install_openapi
 from service.rate_limits import RateLimiter
 from service.redis_client import open_redis
 from service.store import ConversationStore
+from service.summaries import SummaryPolicy, SummaryService
+from service.summary_store import SummaryStore
 
 log = logging.getLogger("service")
 
@@ -148,6 +150,19 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 turn_seconds=cfg.gateway_timeout_seconds,
                 ping_seconds=cfg.sse_ping_seconds,
             )
+            summaries = SummaryService(
+                SummaryStore(redis),
+                gateway,
+                SummaryPolicy(
+                    enabled=cfg.summary == "on",
+                    model=cfg.summary_model,
+                    max_tokens=cfg.summary_max_tokens,
+                    retry_seconds=cfg.summary_retry_seconds,
+                    lease_seconds=cfg.lock_ttl_seconds,
+                    timeout_seconds=cfg.gateway_timeout_seconds,
+                ),
+            )
+            stack.push_async_callback(summaries.aclose)  # before the gateway session closes
             log.info(
                 "started",
                 extra={
@@ -158,7 +173,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
             yield {
                 "settings": cfg,
                 "store": store,
-                "chat": ChatService(store, gateway, policy),
+                "chat": ChatService(store, gateway, policy, summaries=summaries),
                 "authenticator": Authenticator(client_keys, end_user_tokens),
                 "end_user_tokens": end_user_tokens,
                 "limiter": limiter,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -48,6 +49,8 @@ from service.store import (
     Waiting,
 )
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
+from service.summaries import SummaryService
+from service.summary_plan import SummaryUse, turn_context
 from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, message_tokens, next_factor
 from service.trim import BudgetExceeded, Window, choose_window
 
@@ -92,6 +95,10 @@ class _Turn:
     new_messages: list[JSONObject]
     renewal: Renewal
     deadline: float  # loop time: the turn's one time limit, from taking the lease to the commit
+    summary: SummaryUse | None  # None: this service runs no summaries
+    first_seq: int  # the first stored message forwarded (or the first new one)
+    upstream_key: str | None  # the caller's gateway key (pass-through), for the summary job
+    request_id: str
 
 
 def fingerprint(turn: TurnCreate) -> str:
@@ -102,11 +109,17 @@ def fingerprint(turn: TurnCreate) -> str:
 
 class ChatService:
     def __init__(
-        self, store: ConversationStore, gateway: GatewayClient, policy: TurnPolicy
+        self,
+        store: ConversationStore,
+        gateway: GatewayClient,
+        policy: TurnPolicy,
+        *,
+        summaries: SummaryService | None = None,
     ) -> None:
         self._store = store
         self._gateway = gateway
         self._policy = policy
+        self._summaries = summaries
 
     async def turn(
         self,
@@ -118,7 +131,7 @@ class ChatService:
         idempotency_key: str | None,
     ) -> TurnResult:
         """Run one turn and answer with the gateway's JSON plus the `conversation` object."""
-        opened = await self._open(ref, request, idempotency_key)
+        opened = await self._open(ref, request, idempotency_key, caller, request_id)
         if isinstance(opened, Replay):
             return TurnResult(body=opened.body, replayed=True)
         committed = False
@@ -148,7 +161,7 @@ class ChatService:
         """Open a streamed turn. Errors up to the gateway's first byte raise here; the returned
         iterator relays the chunks, commits at the end, and stores nothing if cut short.
         The flag says whether this is an idempotent replay."""
-        opened = await self._open(ref, request, idempotency_key)
+        opened = await self._open(ref, request, idempotency_key, caller, request_id)
         if isinstance(opened, Replay):
             return _replay_as_sse(opened.body), True
         try:
@@ -215,7 +228,12 @@ class ChatService:
     # ---- the steps of a turn -------------------------------------------------------------------
 
     async def _open(
-        self, ref: ConversationRef, request: TurnCreate, idempotency_key: str | None
+        self,
+        ref: ConversationRef,
+        request: TurnCreate,
+        idempotency_key: str | None,
+        caller: Caller,
+        request_id: str,
     ) -> _Turn | Replay:
         """Wait for the lease (or a replay), then choose the window and build the payload."""
         idempotency = None
@@ -267,7 +285,16 @@ class ChatService:
         renewal = Renewal(self._store, ref, lock_value, lease_ms=lease_ms, until=deadline)
         try:
             return self._plan(
-                ref, request, begun, lock_value, idempotency, new_wire, renewal, deadline
+                ref,
+                request,
+                begun,
+                lock_value,
+                idempotency,
+                new_wire,
+                renewal,
+                deadline,
+                upstream_key=caller.upstream_key,
+                request_id=request_id,
             )
         except BaseException:
             renewal.cancel()
@@ -284,6 +311,9 @@ class ChatService:
         new_wire: list[JSONObject],
         renewal: Renewal,
         deadline: float,
+        *,
+        upstream_key: str | None,
+        request_id: str,
     ) -> _Turn:
         meta = begun.meta
         model = request.model or (meta.model if meta else None) or self._policy.default_model
@@ -293,20 +323,46 @@ class ChatService:
         system_tokens = sum(message_tokens(m) for m in system_wire)
         new_tokens = sum(message_tokens(m) for m in new_wire)
         factor = self._store.cached_factor(model)
-        try:
-            window = choose_window(
-                history=begun.window,
+        summary = self._summaries.for_turn(meta, model) if self._summaries else None
+
+        def choose(forwarded: SummaryUse | None) -> Window:
+            # A summary stands in for the messages it covers: history starts after them.
+            covered = forwarded.covers_through if forwarded else 0
+            return choose_window(
+                history=[m for m in begun.window if m.seq > covered] if covered else begun.window,
                 stored_count=begun.length,
-                system_tokens=system_tokens,
+                system_tokens=system_tokens + (forwarded.tokens if forwarded else 0),
                 new_tokens=new_tokens,
                 continues_turn=new_wire[0]["role"] != Role.USER,
                 budget=budget,
                 factor=factor,
             )
+
+        try:
+            try:
+                window = choose(summary)
+            except BudgetExceeded:
+                if summary is None or summary.message is None:
+                    raise
+                # The summary does not fit beside the new messages: this turn goes without it.
+                summary = dataclasses.replace(summary, message=None, tokens=0)
+                window = choose(summary)
         except BudgetExceeded as exc:
             raise OverTokenBudget(str(exc)) from exc
-        messages = [*system_wire, *(m.to_wire() for m in window.history), *new_wire]
-        raw = ARRAY_OVERHEAD + system_tokens + new_tokens + sum(m.tokens for m in window.history)
+        summary_wire = [summary.message] if summary and summary.message else []
+        messages = [
+            *system_wire,
+            *summary_wire,
+            *(m.to_wire() for m in window.history),
+            *new_wire,
+        ]
+        raw = (
+            ARRAY_OVERHEAD
+            + system_tokens
+            + (summary.tokens if summary else 0)
+            + new_tokens
+            + sum(m.tokens for m in window.history)
+        )
         annotate(dropped_messages=window.dropped_messages, estimated_tokens=window.estimated_tokens)
         return _Turn(
             ref=ref,
@@ -322,6 +378,10 @@ class ChatService:
             new_messages=new_wire,
             renewal=renewal,
             deadline=deadline,
+            summary=summary,
+            first_seq=window.history[0].seq if window.history else begun.length + 1,
+            upstream_key=upstream_key,
+            request_id=request_id,
         )
 
     async def delete(self, ref: ConversationRef) -> bool:
@@ -362,6 +422,7 @@ class ChatService:
                 "estimated_tokens": turn.window.estimated_tokens,
                 "dropped_messages": turn.window.dropped_messages,
                 "token_budget": turn.budget,
+                **turn_context(turn.summary, turn.first_seq),
             },
         }
         body = orjson.dumps({**completion, "conversation": conversation})
@@ -398,7 +459,19 @@ class ChatService:
         metrics.TOKENS.labels("output").inc(reply.output_tokens)
         metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
         annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
+        self._summarize_after(turn)
         return body
+
+    def _summarize_after(self, turn: _Turn) -> None:
+        if self._summaries is not None and turn.summary is not None:
+            self._summaries.after_turn(
+                turn.ref,
+                turn.summary,
+                first_seq=turn.first_seq,
+                input_cap=turn.budget,
+                client_key=turn.upstream_key,
+                request_id=turn.request_id,
+            )
 
     async def _abandon(self, turn: _Turn) -> None:
         """A failed turn stores nothing and frees its conversation at once."""

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     max_concurrency: int = Field(default=2000, ge=1)  # connections and tasks per process
 
+    # Rolling summaries of what falls out of the window (issue 11 section 3), opt-in.
+    summary: Literal["off", "on"] = "off"
+    summary_model: str | None = Field(default=None, max_length=200)  # None: the turn's model
+    summary_max_tokens: int = Field(default=1024, ge=16, le=32_000)
+    summary_retry_seconds: float = Field(default=60.0, ge=0)
+
     # End users (issue 13): browser front ends holding short-lived tokens instead of keys.
     end_user_jwt_secrets: SecretStr | None = None  # "tenant:<base64>,..." (HS256)
     end_user_jwks_urls: str = ""  # "tenant:<url>,..." (RS256 / ES256)
@@ -99,6 +105,11 @@ class Settings(BaseSettings):
         if not value.startswith(_REDIS_SCHEMES):
             raise ValueError(f"REDIS_URL must start with one of {', '.join(_REDIS_SCHEMES)}")
         return value
+
+    @field_validator("summary_model")
+    @classmethod
+    def _summary_model(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
 
     @field_validator("log_level")
     @classmethod

@@ -64,3 +64,23 @@ OVERLOADED = Counter(
     "convproxy_overloaded_requests_total",
     "Requests refused with 503 at MAX_CONCURRENCY requests in flight",
 )
+SUMMARY_JOBS = Counter(
+    "convproxy_summary_jobs_total",
+    "Rolling-summary job rounds by outcome (stored, failed, stale, busy, backoff, covered, gone, "
+    "skipped)",
+    ["outcome"],
+)
+SUMMARY_TOKENS = Counter(
+    "convproxy_summary_tokens_total",
+    "Tokens of summary calls, as the gateway reports them",
+    ["direction"],
+)
+SUMMARY_DURATION = Histogram(
+    "convproxy_summary_duration_seconds",
+    "Rolling-summary job rounds that held the lease, from the lease to the commit or failure",
+    buckets=_LATENCY_BUCKETS,
+)
+SUMMARY_LAGGED_TURNS = Counter(
+    "convproxy_summary_lagged_turns_total",
+    "Turns with summaries on that left out messages no summary covered yet",
+)

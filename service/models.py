@@ -62,6 +62,19 @@ class ConversationMeta(BaseModel):
     metadata: JSONObject | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    # Rolling summaries (service/summary_plan.py): the settings `PUT summary` sets...
+    summary_enabled: bool | None = None
+    summary_model: str | None = None
+    # ...and the stored summary with its job's state, written by service/summary_store.py.
+    summary_text: str | None = None
+    summary_through: int = 0
+    summary_version: int = 0
+    summary_by: str | None = None
+    summary_at: float | None = None
+    summary_input_tokens: int = 0
+    summary_output_tokens: int = 0
+    summary_failures: int = 0
+    summary_retry_at: float = 0.0
 
 
 class ConversationSummary(BaseModel):

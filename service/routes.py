@@ -7,11 +7,11 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.config import Settings
 from service.deps import (
     CallerDep,
     ChatDep,
@@ -30,6 +30,7 @@ from service.schemas import (
     ConversationPublic,
     MessagePage,
     MessagePublic,
+    SummaryPublic,
     TurnPublic,
     Usage,
     timestamp,
@@ -122,7 +123,7 @@ async def get_messages(
 async def get_conversation(
     ref: ConversationDep, store: StoreDep, settings: SettingsDep
 ) -> ConversationPublic:
-    return await _public(store, ref, settings.token_budget, settings.conversation_ttl_seconds)
+    return await _public(store, ref, settings)
 
 
 @router.put("/{conversation_id}", responses={201: {"description": "Created"}})
@@ -134,18 +135,12 @@ async def put_conversation(
     settings: SettingsDep,
     response: Response,
 ) -> ConversationPublic:
-    sent = update.model_dump(exclude_unset=True)
-    set_fields = {
-        k: (orjson.dumps(v).decode() if k == "metadata" else str(v))
-        for k, v in sent.items()
-        if v is not None
-    }
-    clear_fields = [k for k, v in sent.items() if v is None]
+    set_fields, clear_fields = update.meta_changes()
     created = await store.upsert(ref, set_fields=set_fields, clear_fields=clear_fields)
     if caller.end_user is not None:
         await store.touch_user_index(ref, caller.end_user.sub)
     response.status_code = 201 if created else 200
-    return await _public(store, ref, settings.token_budget, settings.conversation_ttl_seconds)
+    return await _public(store, ref, settings)
 
 
 @router.delete("/{conversation_id}", status_code=204)
@@ -210,7 +205,7 @@ async def metrics() -> Response:
 
 
 async def _public(
-    store: ConversationStore, ref: ConversationDep, default_budget: int, default_ttl: int
+    store: ConversationStore, ref: ConversationDep, settings: Settings
 ) -> ConversationPublic:
     summary = await store.summary(ref)
     if summary is None:
@@ -223,10 +218,17 @@ async def _public(
         message_count=summary.message_count,
         model=meta.model,
         system=meta.system,
-        token_budget=meta.token_budget or default_budget,
+        token_budget=meta.token_budget or settings.token_budget,
         usage=Usage(input_tokens=meta.input_tokens, output_tokens=meta.output_tokens),
         metadata=meta.metadata,
-        ttl_seconds=meta.ttl_seconds if meta.ttl_seconds is not None else default_ttl,
+        ttl_seconds=(
+            meta.ttl_seconds if meta.ttl_seconds is not None else settings.conversation_ttl_seconds
+        ),
+        summary=SummaryPublic.from_meta(
+            meta,
+            default_enabled=settings.summary == "on",
+            default_model=settings.summary_model,
+        ),
     )
 
 

@@ -18,7 +18,8 @@ from pydantic import (
 )
 
 from service import limits
-from service.models import JSONObject, Message
+from service.models import ConversationMeta, JSONObject, Message
+from service.summary_plan import summaries_enabled, summary_state
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_METADATA_BYTES = limits.MAX_METADATA_BYTES
@@ -266,6 +267,29 @@ class TurnCreate(BaseModel):
         return params
 
 
+class SummarySettings(BaseModel):
+    """`summary` in `PUT /conversations/{id}`: rolling summaries of what falls out of the
+    window. Fields sent are set, null clears (back to SUMMARY / SUMMARY_MODEL), absent stay."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enabled: StrictBool | None = None
+    model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+
+    def meta_changes(self) -> tuple[dict[str, str], list[str]]:
+        """(fields to set, fields to clear) of the conversation's metadata hash."""
+        sent = self.model_dump(exclude_unset=True)
+        set_fields: dict[str, str] = {}
+        clear: list[str] = []
+        for name, value in sent.items():
+            field = f"summary_{name}"
+            if value is None:
+                clear.append(field)
+            else:
+                set_fields[field] = ("1" if value else "0") if name == "enabled" else value
+        return set_fields, clear
+
+
 class ConversationUpdate(BaseModel):
     """`PUT /conversations/{id}`: fields sent are set, null clears, absent stays as it was."""
 
@@ -284,8 +308,27 @@ class ConversationUpdate(BaseModel):
     token_budget: Annotated[int, Field(ge=64, le=10_000_000, strict=True)] | None = None
     ttl_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 24 * 3600, strict=True)] | None = None
     metadata: dict[str, Any] | None = None
+    summary: SummarySettings | None = None
 
     _whole_numbers = field_validator("token_budget", "ttl_seconds", mode="before")(_integral)
+
+    def meta_changes(self) -> tuple[dict[str, str], list[str]]:
+        """(fields to set, fields to clear) of the conversation's metadata hash."""
+        sent = self.model_dump(exclude_unset=True, exclude={"summary"})
+        set_fields = {
+            k: (orjson.dumps(v).decode() if k == "metadata" else str(v))
+            for k, v in sent.items()
+            if v is not None
+        }
+        clear_fields = [k for k, v in sent.items() if v is None]
+        if "summary" in self.model_fields_set:
+            if self.summary is None:
+                clear_fields += ["summary_enabled", "summary_model"]
+            else:
+                more, less = self.summary.meta_changes()
+                set_fields.update(more)
+                clear_fields += less
+        return set_fields, clear_fields
 
     @model_validator(mode="before")
     @classmethod
@@ -343,6 +386,44 @@ class Usage(BaseModel):
     output_tokens: int
 
 
+class SummaryUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class SummaryPublic(BaseModel):
+    """The conversation's rolling summary: its settings, the newest summary and its job."""
+
+    enabled: bool
+    model: str | None  # the summariser's model; null: the conversation's own
+    text: str | None
+    covers_through: int  # the last seq the summary covers; 0: none yet
+    version: int
+    created_at: datetime | None
+    written_by: str | None  # the model that wrote it
+    usage: SummaryUsage  # every summary call's tokens, kept apart from the turns' usage
+    failures: int  # consecutive failed jobs
+    retry_after: datetime | None  # no job before this, after failures
+
+    @classmethod
+    def from_meta(
+        cls, meta: ConversationMeta, *, default_enabled: bool, default_model: str | None
+    ) -> SummaryPublic:
+        state = summary_state(meta)
+        return cls(
+            enabled=summaries_enabled(meta, default=default_enabled),
+            model=meta.summary_model or default_model,
+            text=state.text,
+            covers_through=state.covers_through,
+            version=state.version,
+            created_at=timestamp(state.created_at) if state.created_at is not None else None,
+            written_by=state.model,
+            usage=SummaryUsage(input_tokens=state.input_tokens, output_tokens=state.output_tokens),
+            failures=state.failures,
+            retry_after=timestamp(state.retry_at) if state.retry_at else None,
+        )
+
+
 class ConversationPublic(BaseModel):
     id: str
     created_at: datetime
@@ -354,6 +435,7 @@ class ConversationPublic(BaseModel):
     usage: Usage
     metadata: JSONObject | None
     ttl_seconds: int
+    summary: SummaryPublic
 
 
 class ConversationListItem(BaseModel):
@@ -370,11 +452,18 @@ class ConversationList(BaseModel):
     next_cursor: str | None
 
 
+class TurnSummary(BaseModel):
+    version: int
+    covers_through: int
+
+
 class TurnContext(BaseModel):
     messages: int
     estimated_tokens: int
     dropped_messages: int
     token_budget: int
+    summary: TurnSummary | None = None  # the summary forwarded; null: none
+    summary_lag: int | None = None  # left-out messages no summary covers yet; null: summaries off
 
 
 class TurnConversation(BaseModel):

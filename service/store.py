@@ -3,7 +3,9 @@
 Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:log        list of message JSON; a message's seq is its list index + 1
   conv:{T:I}:meta       hash: created_at, updated_at, system, model, token_budget, ttl_seconds,
-                        metadata (JSON), input_tokens, output_tokens
+                        metadata (JSON), input_tokens, output_tokens, and summary_* (the rolling
+                        summary and its settings: service/summary_store.py)
+  conv:{T:I}:sumlock    the summary job's lease (service/summary_store.py)
   conv:{T:I}:lock       the turn lease: "<token>\\n<idempotency key hash>\\n<fingerprint>"
   conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
   conv:{T:I}:idemkeys   set of the idem keys above, so DELETE can remove them

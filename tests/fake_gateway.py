@@ -9,6 +9,7 @@ it with asyncio events); tests/gateway_server.py serves the same logic from its 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from service.summary_plan import NEW_MESSAGES_HEADER, PREVIOUS_HEADER, SUMMARY_INSTRUCTIONS
 
 
 def gateway_tokens(messages: list[dict[str, Any]], tools: list[Any] | None = None) -> int:
@@ -62,6 +65,14 @@ class FakeGateway:
     stream_error_after_first: dict[str, Any] | None = None  # an error chunk, mid-stream
     stream_error_as_event: bool = False  # send that error as `event: error`
     calls: int = 0
+    # Summary calls (service/summary_plan.py's request) are answered apart: recorded here, not
+    # in `received`, failed by `summary_failures`, held by `summary_hold`, and answered with a
+    # digest of exactly what they were sent (see `summary_of`).
+    summary_received: list[dict[str, Any]] = field(default_factory=list)
+    summary_headers: list[dict[str, str]] = field(default_factory=list)
+    summary_failures: list[Failure] = field(default_factory=list)
+    summary_hold: asyncio.Event | None = None
+    summary_content: Any = None  # answer this content instead (None: the digest)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler for POST /v1/chat/completions."""
@@ -72,6 +83,9 @@ class FakeGateway:
         self, headers: dict[str, str], body: dict[str, Any]
     ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
         self.calls += 1
+        if is_summary_request(body):
+            self.summary_headers.append({k.lower(): v for k, v in headers.items()})
+            return await self._summarize(body)
         self.received.append(body)
         self.received_headers.append({k.lower(): v for k, v in headers.items()})
         if self.hold is not None:
@@ -123,6 +137,25 @@ class FakeGateway:
                 {"content-type": "text/event-stream"},
                 self._framed(self._stream(completion, with_usage=with_usage)),
             )
+        return 200, {"content-type": "application/json"}, orjson.dumps(completion)
+
+    async def _summarize(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        self.summary_received.append(body)
+        if self.summary_hold is not None:
+            await self.summary_hold.wait()
+        if self.summary_failures:
+            failure = self.summary_failures.pop(0)
+            return (
+                failure.status,
+                {"content-type": "application/json", **failure.headers},
+                orjson.dumps(failure.body),
+            )
+        completion = self.completion(body)
+        message = completion["choices"][0]["message"]
+        message["content"] = (
+            summary_of(body) if self.summary_content is None else self.summary_content
+        )
+        message.pop("tool_calls", None)
         return 200, {"content-type": "application/json"}, orjson.dumps(completion)
 
     def reply_text(self, body: dict[str, Any]) -> str:
@@ -257,6 +290,32 @@ class FakeGateway:
                 + b"\n\n"
             )
         yield b"data: [DONE]\n\n"
+
+
+def is_summary_request(body: dict[str, Any]) -> bool:
+    messages = body.get("messages")
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[0], dict)
+        and messages[0].get("content") == SUMMARY_INSTRUCTIONS
+    )
+
+
+def summary_parts(body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """A summary request's previous summary and its new messages (each with its `seq`)."""
+    text: str = body["messages"][1]["content"]
+    head, _, lines = text.partition("\n\n" + NEW_MESSAGES_HEADER + "\n")
+    previous = head.removeprefix(PREVIOUS_HEADER + "\n")
+    return previous, [orjson.loads(line) for line in lines.split("\n") if line]
+
+
+def summary_of(body: dict[str, Any]) -> str:
+    """The stand-in's summary: the range it folded and a digest of what it was sent (previous
+    summary and messages), so a test can tell exactly what a summary was made of."""
+    _, messages = summary_parts(body)
+    digest = hashlib.sha256(body["messages"][1]["content"].encode()).hexdigest()[:12]
+    return f"[summary of {messages[0]['seq']}-{messages[-1]['seq']} #{digest}]"
 
 
 async def send(

@@ -36,7 +36,11 @@ class GatewayServer:
     async def received(self, _request: web.Request) -> web.Response:
         return web.Response(
             body=orjson.dumps(
-                {"received": self.fake.received, "headers": self.fake.received_headers}
+                {
+                    "received": self.fake.received,
+                    "headers": self.fake.received_headers,
+                    "summary_received": self.fake.summary_received,
+                }
             ),
             content_type="application/json",
         )

@@ -536,3 +536,12 @@ async def test_the_demo_page_is_off_unless_asked_for(
         assert GATEWAY_KEY not in page.text
         assert CLIENT_KEY not in page.text
         assert "/demo" not in (await http.get("/openapi.json")).json()["paths"]
+
+
+async def test_thirty_seconds_of_clock_skew(app: httpx.AsyncClient) -> None:
+    now = int(time.time())
+    within = [token(exp=now - 10, iat=now - 600), token(nbf=now + 10)]
+    beyond = [token(exp=now - 40, iat=now - 600), token(nbf=now + 40)]
+    for signed, status in [(t, 200) for t in within] + [(t, 401) for t in beyond]:
+        answer = await app.get("/conversations", headers=bearer(signed))
+        assert answer.status_code == status, signed

@@ -459,19 +459,24 @@ class ChatService:
         metrics.TOKENS.labels("output").inc(reply.output_tokens)
         metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
         annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
-        self._summarize_after(turn)
+        self._summarize_after(turn, records)
         return body
 
-    def _summarize_after(self, turn: _Turn) -> None:
-        if self._summaries is not None and turn.summary is not None:
-            self._summaries.after_turn(
-                turn.ref,
-                turn.summary,
-                first_seq=turn.first_seq,
-                input_cap=turn.budget,
-                client_key=turn.upstream_key,
-                request_id=turn.request_id,
-            )
+    def _summarize_after(self, turn: _Turn, stored: list[Message]) -> None:
+        if self._summaries is None or turn.summary is None:
+            return
+        forwarded_history = sum(m.tokens for m in turn.window.history)
+        self._summaries.after_turn(
+            turn.ref,
+            turn.summary,
+            first_seq=turn.first_seq,
+            history=[*turn.window.history, *stored],
+            fixed_tokens=turn.raw_estimate - forwarded_history,
+            budget=turn.budget,
+            factor=self._store.cached_factor(turn.model),
+            client_key=turn.upstream_key,
+            request_id=turn.request_id,
+        )
 
     async def _abandon(self, turn: _Turn) -> None:
         """A failed turn stores nothing and frees its conversation at once."""

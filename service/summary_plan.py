@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import orjson
 
 from service.models import ConversationMeta, JSONObject, Message, Role
+from service.tokens import corrected
 
 # The summariser's instructions: the first message of every summary request (the stand-in gateway
 # recognises summary calls by it).
@@ -33,6 +34,9 @@ NO_PREVIOUS = "(none yet)"
 # A summary longer than this many characters per allowed token is cut: a model that ignores
 # max_tokens must not blow the window's budget.
 MAX_CHARS_PER_TOKEN = 8
+# Once the forwarded array passes this share of the budget, the job for the next jump starts, so
+# that the summary is ready when the window moves (issue 15: one cache miss per cycle, not two).
+PREFETCH_SHARE = 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,47 @@ def _turns(messages: Sequence[Message]) -> list[list[Message]]:
         else:
             groups[-1].append(message)
     return groups
+
+
+def jump_cut(
+    history: Sequence[Message],
+    *,
+    fixed_tokens: int,
+    budget: int,
+    factor: float,
+    low_water: float,
+) -> int:
+    """The last seq the window's next jump leaves out, 0 for none: the oldest whole turns of
+    `history` (what the next turn would forward, oldest first) such that the rest, with the fixed
+    part (system prompt, summary, a new message; local estimates), uses at most `low_water` of
+    `budget` (the gateway's units, through `factor`). The newest turn always stays: it may be an
+    open one that tool results continue."""
+    remaining = sum(m.tokens for m in history)
+    cut = 0
+    for turn in _turns(history)[:-1]:
+        if corrected(fixed_tokens + remaining, factor) <= low_water * budget:
+            break
+        remaining -= sum(m.tokens for m in turn)
+        cut = turn[-1].seq
+    return cut
+
+
+def prefetch_through(
+    history: Sequence[Message],
+    *,
+    fixed_tokens: int,
+    budget: int,
+    factor: float,
+    low_water: float,
+) -> int:
+    """How far the next summary should reach, decided after a turn: the next jump's cut once the
+    forwarded array passes PREFETCH_SHARE of the budget, else 0 (not yet)."""
+    used = corrected(fixed_tokens + sum(m.tokens for m in history), factor)
+    if used < PREFETCH_SHARE * budget:
+        return 0
+    return jump_cut(
+        history, fixed_tokens=fixed_tokens, budget=budget, factor=factor, low_water=low_water
+    )
 
 
 def next_cut(messages: Sequence[Message], *, through: int, input_cap: int) -> list[Message]:

@@ -48,7 +48,7 @@ from service.store import (
     Waiting,
 )
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
-from service.summaries import SummaryService
+from service.summaries import SummaryService, summary_window
 from service.summary_plan import SummaryUse, promotion, turn_context
 from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, message_tokens, next_factor
 from service.trim import BudgetExceeded, Window, choose_window
@@ -338,14 +338,10 @@ class ChatService:
             )
 
         try:
-            try:
-                window = choose(summary)
-            except BudgetExceeded:
-                if summary is None or summary.message is None:
-                    raise
-                # The summary does not fit beside the new messages: this turn goes without it.
-                summary = summary.without()
-                window = choose(summary)
+            if summary is None:
+                window = choose(None)
+            else:
+                window, summary = summary_window(summary, choose)
         except BudgetExceeded as exc:
             raise OverTokenBudget(str(exc)) from exc
         summary_wire = [summary.message] if summary and summary.message else []

@@ -15,7 +15,7 @@ import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +38,7 @@ from service.summary_plan import (
 )
 from service.summary_store import JobStart, SummaryStore
 from service.tokens import message_tokens
+from service.trim import BudgetExceeded, Window
 
 log = logging.getLogger("service.summaries")
 
@@ -59,6 +60,30 @@ class SummaryPolicy:
     max_rounds: int = 4  # rounds one job runs when the uncovered part exceeds one call's input
 
 
+def summary_window(
+    use: SummaryUse, choose: Callable[[SummaryUse | None], Window]
+) -> tuple[Window, SummaryUse]:
+    """The window a turn forwards, and the summary it forwards with it. `choose` picks the window
+    for a summary (history after what it covers, its tokens in the budget).
+
+    The current summary holds while the history after it fits. When it no longer fits, the window
+    moves to the summary a job made for that moment (`next`), and both change in this one turn;
+    without one, plain trimming leaves out the oldest turns (the summary lags). A summary that does
+    not fit beside the new messages is left out. Raises BudgetExceeded as choose_window does."""
+    try:
+        window = choose(use)
+    except BudgetExceeded:
+        if use.message is None:
+            raise
+        return choose(use.without()), use.without()
+    if window.dropped_messages > use.covers_through:  # the history outgrew the budget
+        ahead = use.ahead()
+        if ahead is not None:
+            with contextlib.suppress(BudgetExceeded):
+                return choose(ahead), ahead
+    return window, use
+
+
 class SummaryService:
     def __init__(self, store: SummaryStore, gateway: GatewayClient, policy: SummaryPolicy) -> None:
         self._store = store
@@ -67,10 +92,10 @@ class SummaryService:
         self._jobs: dict[ConversationRef, asyncio.Task[Outcome]] = {}
 
     def for_turn(self, meta: ConversationMeta | None, turn_model: str) -> SummaryUse:
-        """The newest summary, with summaries on; the forwarded history starts after it."""
+        """The current summary, with summaries on: the forwarded history starts after it."""
         enabled = summaries_enabled(meta, default=self._policy.enabled)
         state = summary_state(meta)
-        record = state.newest if enabled else None
+        record = state.current if enabled else None
         message = summary_message(record)
         return SummaryUse(
             enabled=enabled,

@@ -29,7 +29,7 @@ from service.summary_plan import (
     SummaryRecord,
     SummaryState,
     SummaryUse,
-    jump_cut,
+    ahead_cut,
     next_cut,
     prefetch_through,
     promotion,
@@ -93,19 +93,19 @@ def test_a_cut_takes_whole_turns_up_to_through() -> None:
     assert next_cut(log, through=0, input_cap=1000) == []
 
 
-def test_the_next_jump_leaves_out_whole_turns_down_to_low_water() -> None:
+def test_the_next_move_leaves_out_whole_turns_worth_the_band_above_low_water() -> None:
     log = [msg(seq, Role.USER if seq % 2 else Role.ASSISTANT) for seq in range(1, 11)]  # 10 each
-    options: dict[str, Any] = {"fixed_tokens": 20, "budget": 100, "factor": 1.0}
-    # 120 in all: down to at most 60 takes three turns (60 tokens) out.
-    assert jump_cut(log, low_water=0.6, **options) == 6
-    assert jump_cut(log, low_water=0.9, **options) == 4
-    assert jump_cut(log, low_water=0.6, **{**options, "factor": 0.5}) == 0  # 60 fits already
-    # The newest turn stays, whatever the budget.
-    assert jump_cut(log, low_water=0.01, **options) == 8
+    options: dict[str, Any] = {"budget": 100, "factor": 1.0}
+    # 40 (1 - 0.6 of 100) plus one turn like the newest (20): three turns.
+    assert ahead_cut(log, low_water=0.6, **options) == 6
+    assert ahead_cut(log, low_water=0.9, **options) == 4
+    # The newest turn always stays, and a single turn leaves nothing to cut.
+    assert ahead_cut(log, low_water=0.6, **{**options, "factor": 0.5}) == 8
+    assert ahead_cut(log, low_water=0.01, **options) == 8
+    assert ahead_cut(log[:2], low_water=0.01, **options) == 0
     # Not before the array passes PREFETCH_SHARE of the budget (85 here).
-    assert prefetch_through(log[:6], low_water=0.6, **options) == 0  # 80
-    assert prefetch_through(log[:8], low_water=0.6, **options) == 4  # 100: down to 60
-    assert prefetch_through([], low_water=0.6, **options) == 0
+    assert prefetch_through(log[:6], fixed_tokens=20, low_water=0.6, **options) == 0  # 80
+    assert prefetch_through(log[:8], fixed_tokens=20, low_water=0.6, **options) == 6  # 100
 
 
 def test_the_request_holds_the_previous_summary_and_exactly_the_messages() -> None:
@@ -598,6 +598,29 @@ async def test_summaries_land_with_the_window_jump_and_the_prefix_holds_between(
         summary = (await http.get("/conversations/s")).json()["summary"]
         current = await redis.hmget("conv:{acme:s}:meta", ["summary_text", "summary_version"])
         assert current == [summary["text"].encode(), str(summary["version"]).encode()]
+
+
+async def test_a_late_summary_leaves_plain_trimming_and_says_so(
+    summary_settings: Settings, gateway: FakeGateway
+) -> None:
+    held = gateway.summary_hold = asyncio.Event()
+    try:
+        async with serve(summary_settings, gateway) as http:
+            await http.put("/conversations/late", json={"token_budget": 300})
+            context = (await until_dropped(http, "late"))["conversation"]["context"]
+            assert context["summary"] is None
+            assert context["summary_lag"] == context["dropped_messages"] > 0
+            await eventually(lambda: bool(gateway.summary_received), what="a (held) job")
+            held.set()
+            await eventually(settled, what="the held job")
+            following = await http.post("/conversations/late/messages", json=user("and then"))
+            context = following.json()["conversation"]["context"]
+            # The summary reached past what trimming left out: the window moves to it.
+            assert context["summary"] is not None
+            assert context["summary_lag"] == 0
+            assert context["dropped_messages"] == context["summary"]["covers_through"]
+    finally:
+        held.set()
 
 
 async def test_summaries_off_never_call_the_gateway_for_one(

@@ -328,10 +328,10 @@ class ChatService:
         summary = self._summaries.for_turn(meta, model) if self._summaries else None
 
         def choose(forwarded: SummaryUse | None) -> Window:
-            # A summary stands in for the messages it covers: history starts after them.
+            # A summary stands in for the messages it covers: the window starts after them.
             covered = forwarded.covers_through if forwarded else 0
             return choose_window(
-                history=[m for m in begun.window if m.seq > covered] if covered else begun.window,
+                history=begun.window,
                 stored_count=begun.length,
                 system_tokens=system_tokens,
                 summary_tokens=forwarded.tokens if forwarded else 0,
@@ -339,7 +339,7 @@ class ChatService:
                 continues_turn=continues_turn(new_wire),
                 budget=budget,
                 factor=factor,
-                start=start,
+                start=max(start, covered + 1),
                 low_water=low_water,
             )
 
@@ -481,7 +481,7 @@ class ChatService:
             history=[*turn.window.history, *stored],
             fixed_tokens=turn.raw_estimate - forwarded_history,
             budget=turn.budget,
-            factor=self._store.cached_factor(turn.model),
+            factor=self._store.cached_factor(turn.ref.tenant, turn.model),
             client_key=turn.upstream_key,
             request_id=turn.request_id,
         )

@@ -30,6 +30,7 @@ from service.summary_plan import (
     SummaryState,
     SummaryUse,
     ahead_cut,
+    fields_to_forget,
     next_cut,
     prefetch_through,
     promotion,
@@ -196,6 +197,31 @@ def test_settings_of_a_conversation_override_the_defaults() -> None:
     assert summary_state(None).covers_through == 0
     # A summary without text covers nothing.
     assert summary_state(meta.model_copy(update={"summary_through": 5})).covers_through == 0
+
+
+def test_summaries_past_a_cut_back_log_are_ignored_and_edits_know_what_to_forget() -> None:
+    meta = ConversationMeta(
+        created_at=1,
+        updated_at=1,
+        summary_text="old",
+        summary_through=4,
+        summary_version=1,
+        summary_next_text="new",
+        summary_next_through=10,
+        summary_next_version=2,
+    )
+    assert summary_state(meta).covers_through == 10
+    cut_back = summary_state(meta, stored=6)
+    assert cut_back.current == SummaryRecord("old", 4, 1, None, None)
+    assert cut_back.next is None
+    assert summary_state(meta, stored=3).newest is None
+    current = ["summary_text", "summary_through", "summary_version", "summary_by", "summary_at"]
+    upcoming = [f.replace("summary_", "summary_next_") for f in current]
+    assert fields_to_forget(meta, 11) == []
+    assert fields_to_forget(meta, 10) == upcoming
+    assert fields_to_forget(meta, 5) == upcoming
+    assert fields_to_forget(meta, 4) == current + upcoming
+    assert fields_to_forget(None, 1) == []
 
 
 def test_put_summary_maps_to_metadata_fields() -> None:

@@ -845,3 +845,57 @@ async def test_turns_do_not_start_jobs_while_backing_off(
 async def _failures(http: httpx.AsyncClient, cid: str) -> bool:
     failures: int = (await http.get(f"/conversations/{cid}")).json()["summary"]["failures"]
     return failures > 0
+
+
+async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis, redis_url: str
+) -> None:
+    from redis.asyncio import ConnectionPool
+
+    from service.auth import Caller
+    from service.chat import ChatService, TurnPolicy
+    from service.schemas import TurnCreate
+    from service.store import ConversationStore
+    from tests.test_turns import CountingConnection
+
+    await fill(client, 6)  # 12 messages
+    await client.put(f"/conversations/{REF.id}", json={"token_budget": 200})
+    async with summarizer(redis, gateway) as service:  # on its own, uncounted, connections
+        assert await run(service, 8) == "stored"  # `next`, through 8
+        pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+        counted = Redis.from_pool(pool)
+        store = ConversationStore(
+            counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
+        )
+        await store.load_scripts()
+        async with serve_in_process(gateway) as url, aiohttp.ClientSession() as session:
+            chat = ChatService(
+                store,
+                GatewayClient(
+                    session,
+                    base_url=url,
+                    api_key=SecretStr(GATEWAY_KEY),
+                    timeout_seconds=5,
+                    max_retries=0,
+                    retry_after_cap_seconds=1,
+                ),
+                TurnPolicy(
+                    default_model="m", token_budget=120, lock_wait_seconds=1, lease_seconds=10
+                ),
+                summaries=service,
+            )
+            CountingConnection.writes = 0
+            result = await chat.turn(
+                REF,
+                TurnCreate.model_validate(user("q-next " * 72)),
+                caller=Caller(tenant="acme", upstream_key=None),
+                request_id="r",
+                idempotency_key=None,
+            )
+            writes = CountingConnection.writes
+        await counted.aclose()
+    context = orjson.loads(result.body)["conversation"]["context"]
+    assert context["summary"] == {"version": 1, "covers_through": 8}  # moved with it...
+    assert context["summary_lag"] == 0
+    assert writes == 2  # ...and the turn still took two round trips, the promotion included
+    assert (await meta(redis))["summary_version"] == "1"

@@ -325,7 +325,9 @@ class ChatService:
         factor = self._store.cached_factor(ref.tenant, model)
         low_water = (meta.trim_low_water if meta else None) or self._policy.trim_low_water
         start = (meta.window_start if meta else None) or 1
-        summary = self._summaries.for_turn(meta, model) if self._summaries else None
+        summary = (
+            self._summaries.for_turn(meta, model, stored=begun.length) if self._summaries else None
+        )
 
         def choose(forwarded: SummaryUse | None) -> Window:
             # A summary stands in for the messages it covers: the window starts after them.

@@ -894,7 +894,7 @@ async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
             CountingConnection.writes = 0
             result = await chat.turn(
                 REF,
-                TurnCreate.model_validate(user("q-next " * 72)),
+                TurnCreate.model_validate(user("q-next " * 38)),
                 caller=Caller(tenant="acme", upstream_key=None),
                 request_id="r",
                 idempotency_key=None,

@@ -129,7 +129,7 @@ async def test_a_client_that_leaves_does_not_stop_the_turn_and_resumes_where_it_
     gateway.stream_gate.set()
 
     async def finished() -> bool:
-        return (await state_of(live))["state"] == "done"
+        return bool((await state_of(live))["state"] == "done")
 
     await eventually(finished, what="the detached turn to finish")
     stored = (await live.get("/conversations/d/messages")).json()["messages"]

@@ -246,7 +246,13 @@ class DetachedTurns:
             watcher = asyncio.create_task(self._watch(ref, turn_id, running))
             try:
                 try:
-                    await self._journal.begin(ref, turn_id, idem=idem, fingerprint=body_fingerprint)
+                    await self._journal.begin(
+                        ref,
+                        turn_id,
+                        idem=idem,
+                        fingerprint=body_fingerprint,
+                        lease_ms=self._lease_ms,
+                    )
                 except ServiceError:  # nobody could follow it: cancel it, which stores nothing
                     running.reason = "the turn could not be journaled (Redis unavailable)"
                     running.scope.cancel()

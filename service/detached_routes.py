@@ -24,7 +24,19 @@ EVENT_ID_PATTERN = r"^(?:[0-9a-f]{16}-)?[0-9]{1,9}$"
             "description": "The detached turn's events after the one named (all of them when "
             "none is), live until its last: each with an `id:`, as the turn's own response sent "
             "them",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "description": "One server-sent event, with its `id`",
+                        "properties": {
+                            "event": {"type": "string"},
+                            "data": {"type": "string"},
+                            "id": {"type": "string"},
+                        },
+                    }
+                }
+            },
         }
     },
 )

@@ -145,6 +145,16 @@ def _message_schema() -> dict[str, Any]:
     }
 
 
+def _not_null(parameter: dict[str, Any]) -> None:
+    """An optional header or query parameter is absent or a string: never JSON's null, which
+    FastAPI writes for `X | None`."""
+    schema = parameter.get("schema", {})
+    options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
+    if parameter.get("in") in ("header", "query") and len(options) == 1:
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        parameter["schema"] = {**options[0], **rest}
+
+
 def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
@@ -165,6 +175,13 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     token_ttl["maximum"] = settings.end_user_token_max_seconds
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    # A detached turn is read as a stream: `detach: true` needs `stream: true`.
+    schemas["TurnCreate"].setdefault("allOf", []).append(
+        {
+            "if": {"properties": {"detach": {"const": True}}, "required": ["detach"]},
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        }
+    )
     turn = schemas["TurnCreate"]["properties"]
     # A single new message is the last one: a user message or a tool result.
     turn["message"] = {"oneOf": [schemas["MessageCreate"]["oneOf"][i] for i in (0, 2)]}
@@ -199,6 +216,8 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 operation["security"] = [{"clientKey": []}, {"endUserToken": []}]
             elif path == "/end-user-tokens":
                 operation["security"] = [{"clientKey": []}]
+            for parameter in operation.get("parameters", []):
+                _not_null(parameter)
             responses = operation["responses"]
             responses.pop("422", None)
             for status in _ERRORS.get(key, []):

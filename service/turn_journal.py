@@ -121,10 +121,12 @@ class TurnJournal:
         await self._call(lambda: self._redis.set(key, b"1", px=lease_ms))
 
     async def begin(
-        self, ref: ConversationRef, turn_id: str, *, idem: str, fingerprint: str
+        self, ref: ConversationRef, turn_id: str, *, idem: str, fingerprint: str, lease_ms: int
     ) -> None:
-        """Make `turn_id` the conversation's latest detached turn, running."""
+        """Make `turn_id` the conversation's latest detached turn, running, its replica alive
+        (again: waiting for the conversation's lease may have taken longer than one)."""
         pointer = ref.key("turn")
+        alive = self._key(ref, turn_id, "alive")
 
         def fill(pipe: Any) -> None:
             pipe.delete(pointer)
@@ -133,6 +135,7 @@ class TurnJournal:
                 mapping={"id": turn_id, "state": "running", "idem": idem, "fp": fingerprint},
             )
             pipe.expire(pointer, self._running_ttl)
+            pipe.set(alive, b"1", px=lease_ms)
 
         await self._pipeline(fill)
 

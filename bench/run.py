@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from bench import litellm, upstreams
+from bench import litellm, long_conversation, upstreams
 from bench.procs import (
     LOAD_CORE,
     SERVICE_CORE,
@@ -70,6 +70,14 @@ ROWS = {
     "in_flight": ("In flight: 500 connections, upstream waits 500 ms", "0 errors, >= 900 turns/s"),
     "round_trips": ("Redis round trips per uncontended turn", "<= 2"),
     "memory": ("Redis memory: bytes per stored message beyond its JSON", "<= 100"),
+    "summary_landed": (
+        "Long conversation, summaries on: window moves whose summary landed with them",
+        ">= 95%",
+    ),
+    "summary_cached": (
+        "Long conversation, summaries on: input tokens from cache (plain sliding trimming)",
+        ">= 75%",
+    ),
 }
 
 
@@ -458,8 +466,32 @@ class Bench:
             self.stop(self.main[0])
             self.main = None
         self.phase("in_flight", self.in_flight)
+        self.phase("summary_landed", self.long_conversation)
         if not self.args.no_litellm:
             self.baseline()
+
+    def long_conversation(self) -> None:
+        """bench/long_conversation.py: 300 turns with summaries on, and plain trimming."""
+        print("long conversation (summaries on, then off)", flush=True)
+        got = long_conversation.measure(self.workdir, self.redis_port)
+        on, off = got["on"], got["off"]
+        self.raw["long_conversation"] = {k: asdict(v) for k, v in got.items()}
+        for name, figures in got.items():
+            if figures.errors:
+                raise RuntimeError(f"summaries {name}: {figures.errors[0]}")
+        self.record(
+            "summary_landed",
+            f"{on.landed_share:.0%} of {on.moves} moves ({on.summary_calls} summaries, "
+            f"{on.turns} turns; prefix held on {on.stable_share:.0%} of turns, plain trimming "
+            f"{off.stable_share:.0%})",
+            on.landed_share >= 0.95,
+        )
+        self.record(
+            "summary_cached",
+            f"{on.cached_share:.0%} ({off.cached_share:.0%})",
+            on.cached_share >= 0.75,
+        )
+        self.rows["summary_landed"].litellm = self.rows["summary_cached"].litellm = "n/a"
 
     def service_throughput(self) -> None:
         port = self.service()
@@ -480,7 +512,16 @@ class Bench:
         self.procs.clear()
 
 
-ORDER = ("latency", "throughput", "history", "in_flight", "round_trips", "memory")
+ORDER = (
+    "latency",
+    "throughput",
+    "history",
+    "in_flight",
+    "round_trips",
+    "memory",
+    "summary_landed",
+    "summary_cached",
+)
 
 
 def table(rows: dict[str, Row], info: dict[str, str]) -> str:

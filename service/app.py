@@ -163,6 +163,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                     retry_seconds=cfg.summary_retry_seconds,
                     lease_seconds=cfg.lock_ttl_seconds,
                     timeout_seconds=cfg.gateway_timeout_seconds,
+                    low_water=cfg.trim_low_water,
                 ),
             )
             stack.push_async_callback(summaries.aclose)  # before the gateway session closes

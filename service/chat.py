@@ -48,7 +48,7 @@ from service.store import (
     Waiting,
 )
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
-from service.summaries import SummaryService
+from service.summaries import SummaryService, summary_window
 from service.summary_plan import SummaryUse, promotion, turn_context
 from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, message_tokens, next_factor
 from service.trim import BudgetExceeded, Window, choose_window
@@ -322,7 +322,9 @@ class ChatService:
         system_tokens = sum(message_tokens(m) for m in system_wire)
         new_tokens = sum(message_tokens(m) for m in new_wire)
         factor = self._store.cached_factor(model)
-        summary = self._summaries.for_turn(meta, model) if self._summaries else None
+        summary = (
+            self._summaries.for_turn(meta, model, stored=begun.length) if self._summaries else None
+        )
 
         def choose(forwarded: SummaryUse | None) -> Window:
             # A summary stands in for the messages it covers: history starts after them.
@@ -338,14 +340,10 @@ class ChatService:
             )
 
         try:
-            try:
-                window = choose(summary)
-            except BudgetExceeded:
-                if summary is None or summary.message is None:
-                    raise
-                # The summary does not fit beside the new messages: this turn goes without it.
-                summary = summary.without()
-                window = choose(summary)
+            if summary is None:
+                window = choose(None)
+            else:
+                window, summary = summary_window(summary, choose)
         except BudgetExceeded as exc:
             raise OverTokenBudget(str(exc)) from exc
         summary_wire = [summary.message] if summary and summary.message else []
@@ -459,19 +457,24 @@ class ChatService:
         metrics.TOKENS.labels("output").inc(reply.output_tokens)
         metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
         annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
-        self._summarize_after(turn)
+        self._summarize_after(turn, records)
         return body
 
-    def _summarize_after(self, turn: _Turn) -> None:
-        if self._summaries is not None and turn.summary is not None:
-            self._summaries.after_turn(
-                turn.ref,
-                turn.summary,
-                first_seq=turn.first_seq,
-                input_cap=turn.budget,
-                client_key=turn.upstream_key,
-                request_id=turn.request_id,
-            )
+    def _summarize_after(self, turn: _Turn, stored: list[Message]) -> None:
+        if self._summaries is None or turn.summary is None:
+            return
+        forwarded_history = sum(m.tokens for m in turn.window.history)
+        self._summaries.after_turn(
+            turn.ref,
+            turn.summary,
+            first_seq=turn.first_seq,
+            history=[*turn.window.history, *stored],
+            fixed_tokens=turn.raw_estimate - forwarded_history,
+            budget=turn.budget,
+            factor=self._store.cached_factor(turn.model),
+            client_key=turn.upstream_key,
+            request_id=turn.request_id,
+        )
 
     async def _abandon(self, turn: _Turn) -> None:
         """A failed turn stores nothing and frees its conversation at once."""

@@ -80,6 +80,9 @@ SUMMARY_DURATION = Histogram(
     "Rolling-summary job rounds that held the lease, from the lease to the commit or failure",
     buckets=_LATENCY_BUCKETS,
 )
+SUMMARY_RUNNING = Gauge(
+    "convproxy_summary_jobs_running", "Rolling-summary jobs running in this process"
+)
 SUMMARY_LAGGED_TURNS = Counter(
     "convproxy_summary_lagged_turns_total",
     "Turns with summaries on that left out messages no summary covered yet",

@@ -15,17 +15,19 @@ import contextvars
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from service import metrics
 from service.errors import GatewayError
 from service.gateway import GatewayClient
-from service.models import ConversationMeta
+from service.models import ConversationMeta, Message
 from service.store import ConversationRef
 from service.summary_plan import (
     SummaryUse,
     next_cut,
+    prefetch_through,
     summaries_enabled,
     summary_message,
     summary_model,
@@ -36,6 +38,7 @@ from service.summary_plan import (
 )
 from service.summary_store import JobStart, SummaryStore
 from service.tokens import message_tokens
+from service.trim import BudgetExceeded, Window
 
 log = logging.getLogger("service.summaries")
 
@@ -50,10 +53,35 @@ class SummaryPolicy:
     retry_seconds: float  # SUMMARY_RETRY_SECONDS: the first back-off; it doubles per failure
     lease_seconds: float  # a dead replica's job blocks the next one for at most this long
     timeout_seconds: float  # one summary call, retries included
+    low_water: float = 0.6  # TRIM_LOW_WATER: the share of the budget the history jumps back to
     max_retry_seconds: float = 1800.0
     max_jobs: int = 64  # jobs running at once in this process; more are skipped, not queued
     max_messages: int = 2000  # messages one round reads
     max_rounds: int = 4  # rounds one job runs when the uncovered part exceeds one call's input
+
+
+def summary_window(
+    use: SummaryUse, choose: Callable[[SummaryUse | None], Window]
+) -> tuple[Window, SummaryUse]:
+    """The window a turn forwards, and the summary it forwards with it. `choose` picks the window
+    for a summary (history after what it covers, its tokens in the budget).
+
+    The current summary holds while the history after it fits. When it no longer fits, the window
+    moves to the summary a job made for that moment (`next`), and both change in this one turn;
+    without one, plain trimming leaves out the oldest turns (the summary lags). A summary that does
+    not fit beside the new messages is left out. Raises BudgetExceeded as choose_window does."""
+    try:
+        window = choose(use)
+    except BudgetExceeded:
+        if use.message is None:
+            raise
+        return choose(use.without()), use.without()
+    if window.dropped_messages > use.covers_through:  # the history outgrew the budget
+        ahead = use.ahead()
+        if ahead is not None:
+            with contextlib.suppress(BudgetExceeded):
+                return choose(ahead), ahead
+    return window, use
 
 
 class SummaryService:
@@ -63,11 +91,14 @@ class SummaryService:
         self._policy = policy
         self._jobs: dict[ConversationRef, asyncio.Task[Outcome]] = {}
 
-    def for_turn(self, meta: ConversationMeta | None, turn_model: str) -> SummaryUse:
-        """The newest summary, with summaries on; the forwarded history starts after it."""
+    def for_turn(
+        self, meta: ConversationMeta | None, turn_model: str, *, stored: int | None = None
+    ) -> SummaryUse:
+        """The current summary, with summaries on: the forwarded history starts after it.
+        `stored`: the log's length (summaries covering more are ignored)."""
         enabled = summaries_enabled(meta, default=self._policy.enabled)
-        state = summary_state(meta)
-        record = state.newest if enabled else None
+        state = summary_state(meta, stored)
+        record = state.current if enabled else None
         message = summary_message(record)
         return SummaryUse(
             enabled=enabled,
@@ -84,24 +115,41 @@ class SummaryService:
         use: SummaryUse,
         *,
         first_seq: int,
-        input_cap: int,
+        history: Sequence[Message],
+        fixed_tokens: int,
+        budget: int,
+        factor: float,
         client_key: str | None,
         request_id: str,
     ) -> asyncio.Task[Outcome] | None:
-        """After a turn's commit: fold what its window left out (before seq `first_seq`) and no
-        summary covers yet, in the background. A job that is late leaves the next turn the
-        previous summary."""
-        if not use.enabled or uncovered(first_seq, use.state) == 0:
+        """After a turn's commit, in the background: fold what its window left out (before seq
+        `first_seq`) and no summary covers yet, and, once the array nears the budget, what the
+        window's next jump will leave out, so that the summary is ready when the window moves.
+        `history` is what the next turn would forward (this window, the new messages, the reply);
+        `fixed_tokens` the rest of the array. A job that is late leaves the previous summary."""
+        if not use.enabled:
             return None
-        metrics.SUMMARY_LAGGED_TURNS.inc()
+        lagging = uncovered(first_seq, use.state) > 0
+        if lagging:
+            metrics.SUMMARY_LAGGED_TURNS.inc()
+        ahead = prefetch_through(
+            history,
+            fixed_tokens=fixed_tokens,
+            budget=budget,
+            factor=factor,
+            low_water=self._policy.low_water,
+        )
+        through = max(first_seq - 1, ahead)
+        if through <= use.state.covers_through:
+            return None
         if use.state.retry_at > time.time():  # backing off after a failure
             metrics.SUMMARY_JOBS.labels("backoff").inc()
             return None
         return self.schedule(
             ref,
-            through=first_seq - 1,
+            through=through,
             model=use.model,
-            input_cap=input_cap,
+            input_cap=budget,
             client_key=client_key,
             request_id=request_id,
         )
@@ -133,8 +181,13 @@ class SummaryService:
         # A context of its own: the job must not write into the turn's access-log fields.
         task = asyncio.get_running_loop().create_task(job, context=contextvars.Context())
         self._jobs[ref] = task
-        task.add_done_callback(lambda _: self._jobs.pop(ref, None))
+        metrics.SUMMARY_RUNNING.inc()
+        task.add_done_callback(lambda _: self._done(ref))
         return task
+
+    def _done(self, ref: ConversationRef) -> None:
+        self._jobs.pop(ref, None)
+        metrics.SUMMARY_RUNNING.dec()
 
     async def run(
         self,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import orjson
 
 from service.models import ConversationMeta, JSONObject, Message, Role
+from service.tokens import corrected, message_tokens
 
 # The summariser's instructions: the first message of every summary request (the stand-in gateway
 # recognises summary calls by it).
@@ -33,6 +34,9 @@ NO_PREVIOUS = "(none yet)"
 # A summary longer than this many characters per allowed token is cut: a model that ignores
 # max_tokens must not blow the window's budget.
 MAX_CHARS_PER_TOKEN = 8
+# Once the forwarded array passes this share of the budget, the job for the next jump starts, so
+# that the summary is ready when the window moves (issue 15: one cache miss per cycle, not two).
+PREFETCH_SHARE = 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,17 @@ class SummaryUse:
         """The same, forwarding no summary."""
         return dataclasses.replace(self, record=None, message=None, tokens=0)
 
+    def ahead(self) -> SummaryUse | None:
+        """The same, forwarding the summary a job made ahead of the window's move (`next`), if
+        there is one reaching further than the one forwarded now."""
+        upcoming = self.state.next
+        if not self.enabled or upcoming is None or upcoming.covers_through <= self.covers_through:
+            return None
+        message = _summary_wire(upcoming)
+        return dataclasses.replace(
+            self, record=upcoming, message=message, tokens=message_tokens(message)
+        )
+
 
 def _record(
     text: str | None, through: int, version: int, model: str | None, at: float | None
@@ -106,10 +121,12 @@ def _record(
     return SummaryRecord(text, through, version, model, at)
 
 
-def summary_state(meta: ConversationMeta | None) -> SummaryState:
+def summary_state(meta: ConversationMeta | None, stored: int | None = None) -> SummaryState:
+    """The summaries in `meta`; with `stored` (the log's length), a summary covering more than the
+    log holds (the log was cut back by an edit that did not forget it) is left out."""
     if meta is None:
         return SummaryState(None, None, 0, 0, 0, 0.0)
-    return SummaryState(
+    state = SummaryState(
         current=_record(
             meta.summary_text,
             meta.summary_through,
@@ -129,6 +146,29 @@ def summary_state(meta: ConversationMeta | None) -> SummaryState:
         failures=meta.summary_failures,
         retry_at=meta.summary_retry_at,
     )
+    if stored is None:
+        return state
+    return dataclasses.replace(
+        state,
+        current=state.current if state.current and state.current.covers_through <= stored else None,
+        next=state.next if state.next and state.next.covers_through <= stored else None,
+    )
+
+
+_RECORD_FIELDS = ("text", "through", "version", "by", "at")
+
+
+def fields_to_forget(meta: ConversationMeta | None, from_seq: int) -> list[str]:
+    """The metadata fields an operation that rewrites the log from seq `from_seq` on (an edit, a
+    delete of messages) must clear in the same script: the summaries that cover any rewritten
+    message. `next` is built on `current`, so it goes whenever `current` goes."""
+    state = summary_state(meta)
+    forget: list[str] = []
+    if state.current is not None and state.current.covers_through >= from_seq:
+        forget += [f"summary_{name}" for name in _RECORD_FIELDS]
+    if forget or (state.next is not None and state.next.covers_through >= from_seq):
+        forget += [f"summary_next_{name}" for name in _RECORD_FIELDS]
+    return forget
 
 
 def promotion(use: SummaryUse | None) -> dict[str, str]:
@@ -163,8 +203,10 @@ def summary_model(meta: ConversationMeta | None, *, default: str | None, turn_mo
 def summary_message(record: SummaryRecord | None) -> JSONObject | None:
     """The system message forwarded right after the pinned system prompt. Its bytes depend only
     on the stored summary, so they change only when another summary is forwarded."""
-    if record is None:
-        return None
+    return _summary_wire(record) if record is not None else None
+
+
+def _summary_wire(record: SummaryRecord) -> JSONObject:
     return {
         "role": "system",
         "content": (
@@ -183,6 +225,42 @@ def _turns(messages: Sequence[Message]) -> list[list[Message]]:
         else:
             groups[-1].append(message)
     return groups
+
+
+def ahead_cut(history: Sequence[Message], *, budget: int, factor: float, low_water: float) -> int:
+    """The last seq the window's next move should leave out, 0 for none: the oldest whole turns of
+    `history` (what the next turn would forward, oldest first) worth `1 - low_water` of `budget`
+    (the gateway's units, through `factor`) plus one more turn like the newest. When the history
+    grows back to the budget and the window moves there, the rest then uses at most about
+    `low_water` of it. The newest turn always stays: it may be an open one."""
+    turns = _turns(history)
+    if len(turns) < 2:
+        return 0
+    need = (1 - low_water) * budget + corrected(sum(m.tokens for m in turns[-1]), factor)
+    dropped = 0
+    cut = 0
+    for turn in turns[:-1]:
+        if corrected(dropped, factor) >= need:
+            break
+        dropped += sum(m.tokens for m in turn)
+        cut = turn[-1].seq
+    return cut
+
+
+def prefetch_through(
+    history: Sequence[Message],
+    *,
+    fixed_tokens: int,
+    budget: int,
+    factor: float,
+    low_water: float,
+) -> int:
+    """How far the next summary should reach, decided after a turn: the next move's cut once the
+    forwarded array passes PREFETCH_SHARE of the budget, else 0 (not yet)."""
+    used = corrected(fixed_tokens + sum(m.tokens for m in history), factor)
+    if used < PREFETCH_SHARE * budget:
+        return 0
+    return ahead_cut(history, budget=budget, factor=factor, low_water=low_water)
 
 
 def next_cut(messages: Sequence[Message], *, through: int, input_cap: int) -> list[Message]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
@@ -28,7 +29,10 @@ from service.summary_plan import (
     SummaryRecord,
     SummaryState,
     SummaryUse,
+    ahead_cut,
+    fields_to_forget,
     next_cut,
+    prefetch_through,
     promotion,
     summaries_enabled,
     summary_message,
@@ -88,6 +92,21 @@ def test_a_cut_takes_whole_turns_up_to_through() -> None:
     # ...and a job always makes progress: one whole turn even over the cap.
     assert [m.seq for m in next_cut(log, through=6, input_cap=1)] == [1, 2, 3, 4]
     assert next_cut(log, through=0, input_cap=1000) == []
+
+
+def test_the_next_move_leaves_out_whole_turns_worth_the_band_above_low_water() -> None:
+    log = [msg(seq, Role.USER if seq % 2 else Role.ASSISTANT) for seq in range(1, 11)]  # 10 each
+    options: dict[str, Any] = {"budget": 100, "factor": 1.0}
+    # 40 (1 - 0.6 of 100) plus one turn like the newest (20): three turns.
+    assert ahead_cut(log, low_water=0.6, **options) == 6
+    assert ahead_cut(log, low_water=0.9, **options) == 4
+    # The newest turn always stays, and a single turn leaves nothing to cut.
+    assert ahead_cut(log, low_water=0.6, **{**options, "factor": 0.5}) == 8
+    assert ahead_cut(log, low_water=0.01, **options) == 8
+    assert ahead_cut(log[:2], low_water=0.01, **options) == 0
+    # Not before the array passes PREFETCH_SHARE of the budget (85 here).
+    assert prefetch_through(log[:6], fixed_tokens=20, low_water=0.6, **options) == 0  # 80
+    assert prefetch_through(log[:8], fixed_tokens=20, low_water=0.6, **options) == 6  # 100
 
 
 def test_the_request_holds_the_previous_summary_and_exactly_the_messages() -> None:
@@ -178,6 +197,31 @@ def test_settings_of_a_conversation_override_the_defaults() -> None:
     assert summary_state(None).covers_through == 0
     # A summary without text covers nothing.
     assert summary_state(meta.model_copy(update={"summary_through": 5})).covers_through == 0
+
+
+def test_summaries_past_a_cut_back_log_are_ignored_and_edits_know_what_to_forget() -> None:
+    meta = ConversationMeta(
+        created_at=1,
+        updated_at=1,
+        summary_text="old",
+        summary_through=4,
+        summary_version=1,
+        summary_next_text="new",
+        summary_next_through=10,
+        summary_next_version=2,
+    )
+    assert summary_state(meta).covers_through == 10
+    cut_back = summary_state(meta, stored=6)
+    assert cut_back.current == SummaryRecord("old", 4, 1, None, None)
+    assert cut_back.next is None
+    assert summary_state(meta, stored=3).newest is None
+    current = ["summary_text", "summary_through", "summary_version", "summary_by", "summary_at"]
+    upcoming = [f.replace("summary_", "summary_next_") for f in current]
+    assert fields_to_forget(meta, 11) == []
+    assert fields_to_forget(meta, 10) == upcoming
+    assert fields_to_forget(meta, 5) == upcoming
+    assert fields_to_forget(meta, 4) == current + upcoming
+    assert fields_to_forget(None, 1) == []
 
 
 def test_put_summary_maps_to_metadata_fields() -> None:
@@ -525,41 +569,84 @@ async def summarized(http: httpx.AsyncClient, cid: str) -> bool:
     return await summary_version(http, cid) > 0
 
 
-async def test_what_the_window_drops_is_summarized_and_forwarded_next_turn(
+async def settled() -> bool:
+    """No summary job runs in this process (the app's jobs run in the test's event loop)."""
+    return REGISTRY.get_sample_value("convproxy_summary_jobs_running") == 0
+
+
+async def test_summaries_land_with_the_window_jump_and_the_prefix_holds_between(
     summary_settings: Settings, gateway: FakeGateway, redis: Redis
 ) -> None:
+    """Near the budget, a job folds what the next jump will leave out; the next turn forwards
+    the new summary and jumps to it at once. Every other turn forwards the previous turn's array
+    unchanged, with its reply and a new message after it."""
     async with serve(summary_settings, gateway) as http:
         await http.put("/conversations/s", json={"token_budget": 300, "system": "Be brief."})
-        dropped = await until_dropped(http, "s")
-        context = dropped["conversation"]["context"]
-        assert context["summary"] is None
-        assert context["summary_lag"] == context["dropped_messages"]
-        await eventually(lambda: summarized(http, "s"), what="a summary")
+        previous: list[Any] = []
+        jumps = landed = 0
+        dropped = 0
+        for i in range(40):
+            answer = await http.post(
+                "/conversations/s/messages", json=user(f"question number {i}, " * 3)
+            )
+            assert answer.status_code == 200
+            context = answer.json()["conversation"]["context"]
+            forwarded = gateway.received[-1]["messages"]
+            reply = {
+                "role": "assistant",
+                "content": answer.json()["choices"][0]["message"]["content"],
+            }
+            if context["dropped_messages"] != dropped:  # the window moved
+                jumps += 1
+                assert context["dropped_messages"] > dropped
+                summary = context["summary"]
+                assert forwarded[0] == {"role": "system", "content": "Be brief."}
+                assert forwarded[1]["content"].startswith("Summary of the earlier conversation")
+                if summary is not None and summary["covers_through"] == context["dropped_messages"]:
+                    landed += 1
+                    assert context["summary_lag"] == 0
+                dropped = context["dropped_messages"]
+            else:
+                assert orjson.dumps(forwarded[: len(previous)]) == orjson.dumps(previous)
+            previous = [*forwarded, reply]
+            await eventually(settled, what="the summary job to finish")
+        assert jumps >= 3
+        assert landed == jumps
+        # Each summary folded the previous one and exactly what its jump left out.
+        folded = [summary_parts(body) for body in gateway.summary_received]
+        assert folded[0][0] == NO_PREVIOUS
+        reached = 0
+        for _, messages in folded:
+            assert [m["seq"] for m in messages] == list(range(reached + 1, messages[-1]["seq"] + 1))
+            reached = messages[-1]["seq"]
+        assert reached == dropped
+        # The turn that forwarded the newest summary made it the current one.
         summary = (await http.get("/conversations/s")).json()["summary"]
-        assert summary["enabled"]
-        assert summary["covers_through"] == context["dropped_messages"]
-        _, folded = summary_parts(gateway.summary_received[0])
-        assert [m["seq"] for m in folded] == list(range(1, summary["covers_through"] + 1))
-
-        following = await http.post("/conversations/s/messages", json=user("and now?"))
-        forwarded = gateway.received[-1]["messages"]
-        assert forwarded[0] == {"role": "system", "content": "Be brief."}
-        assert forwarded[1]["role"] == "system"
-        assert forwarded[1]["content"].endswith("no longer shown):\n" + summary["text"])
-        assert forwarded[2]["role"] == "user"
-        new_context = following.json()["conversation"]["context"]
-        assert new_context["summary"] == {
-            "version": summary["version"],
-            "covers_through": summary["covers_through"],
-        }
-        # What the window leaves out beyond the summary is the lag, folded by the next job.
-        stored = (await http.get("/conversations/s/messages?limit=1000")).json()["messages"]
-        first_forwarded = next(m["seq"] for m in stored if m["content"] == forwarded[2]["content"])
-        assert new_context["summary_lag"] == first_forwarded - 1 - summary["covers_through"]
-        assert first_forwarded > summary["covers_through"]
-        # The turn that forwarded the new summary made it the current one.
         current = await redis.hmget("conv:{acme:s}:meta", ["summary_text", "summary_version"])
         assert current == [summary["text"].encode(), str(summary["version"]).encode()]
+
+
+async def test_a_late_summary_leaves_plain_trimming_and_says_so(
+    summary_settings: Settings, gateway: FakeGateway
+) -> None:
+    held = gateway.summary_hold = asyncio.Event()
+    try:
+        async with serve(summary_settings, gateway) as http:
+            await http.put("/conversations/late", json={"token_budget": 300})
+            context = (await until_dropped(http, "late"))["conversation"]["context"]
+            assert context["summary"] is None
+            assert context["summary_lag"] == context["dropped_messages"] > 0
+            await eventually(lambda: bool(gateway.summary_received), what="a (held) job")
+            held.set()
+            await eventually(settled, what="the held job")
+            following = await http.post("/conversations/late/messages", json=user("and then"))
+            context = following.json()["conversation"]["context"]
+            # The summary reached past what trimming left out: the window moves to it.
+            assert context["summary"] is not None
+            assert context["summary_lag"] == 0
+            assert context["dropped_messages"] == context["summary"]["covers_through"]
+    finally:
+        held.set()
 
 
 async def test_summaries_off_never_call_the_gateway_for_one(
@@ -758,3 +845,57 @@ async def test_turns_do_not_start_jobs_while_backing_off(
 async def _failures(http: httpx.AsyncClient, cid: str) -> bool:
     failures: int = (await http.get(f"/conversations/{cid}")).json()["summary"]["failures"]
     return failures > 0
+
+
+async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis, redis_url: str
+) -> None:
+    from redis.asyncio import ConnectionPool
+
+    from service.auth import Caller
+    from service.chat import ChatService, TurnPolicy
+    from service.schemas import TurnCreate
+    from service.store import ConversationStore
+    from tests.test_turns import CountingConnection
+
+    await fill(client, 6)  # 12 messages
+    await client.put(f"/conversations/{REF.id}", json={"token_budget": 200})
+    async with summarizer(redis, gateway) as service:  # on its own, uncounted, connections
+        assert await run(service, 8) == "stored"  # `next`, through 8
+        pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+        counted = Redis.from_pool(pool)
+        store = ConversationStore(
+            counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
+        )
+        await store.load_scripts()
+        async with serve_in_process(gateway) as url, aiohttp.ClientSession() as session:
+            chat = ChatService(
+                store,
+                GatewayClient(
+                    session,
+                    base_url=url,
+                    api_key=SecretStr(GATEWAY_KEY),
+                    timeout_seconds=5,
+                    max_retries=0,
+                    retry_after_cap_seconds=1,
+                ),
+                TurnPolicy(
+                    default_model="m", token_budget=120, lock_wait_seconds=1, lease_seconds=10
+                ),
+                summaries=service,
+            )
+            CountingConnection.writes = 0
+            result = await chat.turn(
+                REF,
+                TurnCreate.model_validate(user("q-next " * 72)),
+                caller=Caller(tenant="acme", upstream_key=None),
+                request_id="r",
+                idempotency_key=None,
+            )
+            writes = CountingConnection.writes
+        await counted.aclose()
+    context = orjson.loads(result.body)["conversation"]["context"]
+    assert context["summary"] == {"version": 1, "covers_through": 8}  # moved with it...
+    assert context["summary_lag"] == 0
+    assert writes == 2  # ...and the turn still took two round trips, the promotion included
+    assert (await meta(redis))["summary_version"] == "1"

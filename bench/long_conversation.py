@@ -65,7 +65,15 @@ def serve(port: int, delay: float) -> None:
         now = time.monotonic()
         total, best, chain = 3, 0, hashlib.sha256()
         for message in messages:
-            chain.update(orjson.dumps(message, option=orjson.OPT_SORT_KEYS))
+            # A cache breakpoint marks where to cache; it is not part of what is cached.
+            plain = {k: v for k, v in message.items() if k != "cache_control"}
+            if isinstance(plain.get("content"), list):
+                plain["content"] = [
+                    {k: v for k, v in part.items() if k != "cache_control"}
+                    for part in plain["content"]
+                    if isinstance(part, dict)
+                ]
+            chain.update(orjson.dumps(plain, option=orjson.OPT_SORT_KEYS))
             total += _tokens(message)
             key = chain.digest()
             hit = seen.get(key)

@@ -322,7 +322,9 @@ class ChatService:
         system_tokens = sum(message_tokens(m) for m in system_wire)
         new_tokens = sum(message_tokens(m) for m in new_wire)
         factor = self._store.cached_factor(model)
-        summary = self._summaries.for_turn(meta, model) if self._summaries else None
+        summary = (
+            self._summaries.for_turn(meta, model, stored=begun.length) if self._summaries else None
+        )
 
         def choose(forwarded: SummaryUse | None) -> Window:
             # A summary stands in for the messages it covers: history starts after them.

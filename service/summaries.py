@@ -91,10 +91,13 @@ class SummaryService:
         self._policy = policy
         self._jobs: dict[ConversationRef, asyncio.Task[Outcome]] = {}
 
-    def for_turn(self, meta: ConversationMeta | None, turn_model: str) -> SummaryUse:
-        """The current summary, with summaries on: the forwarded history starts after it."""
+    def for_turn(
+        self, meta: ConversationMeta | None, turn_model: str, *, stored: int | None = None
+    ) -> SummaryUse:
+        """The current summary, with summaries on: the forwarded history starts after it.
+        `stored`: the log's length (summaries covering more are ignored)."""
         enabled = summaries_enabled(meta, default=self._policy.enabled)
-        state = summary_state(meta)
+        state = summary_state(meta, stored)
         record = state.current if enabled else None
         message = summary_message(record)
         return SummaryUse(

@@ -121,10 +121,12 @@ def _record(
     return SummaryRecord(text, through, version, model, at)
 
 
-def summary_state(meta: ConversationMeta | None) -> SummaryState:
+def summary_state(meta: ConversationMeta | None, stored: int | None = None) -> SummaryState:
+    """The summaries in `meta`; with `stored` (the log's length), a summary covering more than the
+    log holds (the log was cut back by an edit that did not forget it) is left out."""
     if meta is None:
         return SummaryState(None, None, 0, 0, 0, 0.0)
-    return SummaryState(
+    state = SummaryState(
         current=_record(
             meta.summary_text,
             meta.summary_through,
@@ -144,6 +146,29 @@ def summary_state(meta: ConversationMeta | None) -> SummaryState:
         failures=meta.summary_failures,
         retry_at=meta.summary_retry_at,
     )
+    if stored is None:
+        return state
+    return dataclasses.replace(
+        state,
+        current=state.current if state.current and state.current.covers_through <= stored else None,
+        next=state.next if state.next and state.next.covers_through <= stored else None,
+    )
+
+
+_RECORD_FIELDS = ("text", "through", "version", "by", "at")
+
+
+def fields_to_forget(meta: ConversationMeta | None, from_seq: int) -> list[str]:
+    """The metadata fields an operation that rewrites the log from seq `from_seq` on (an edit, a
+    delete of messages) must clear in the same script: the summaries that cover any rewritten
+    message. `next` is built on `current`, so it goes whenever `current` goes."""
+    state = summary_state(meta)
+    forget: list[str] = []
+    if state.current is not None and state.current.covers_through >= from_seq:
+        forget += [f"summary_{name}" for name in _RECORD_FIELDS]
+    if forget or (state.next is not None and state.next.covers_through >= from_seq):
+        forget += [f"summary_next_{name}" for name in _RECORD_FIELDS]
+    return forget
 
 
 def promotion(use: SummaryUse | None) -> dict[str, str]:

@@ -30,6 +30,7 @@ from service.summary_plan import (
     SummaryState,
     SummaryUse,
     ahead_cut,
+    fields_to_forget,
     next_cut,
     prefetch_through,
     promotion,
@@ -196,6 +197,31 @@ def test_settings_of_a_conversation_override_the_defaults() -> None:
     assert summary_state(None).covers_through == 0
     # A summary without text covers nothing.
     assert summary_state(meta.model_copy(update={"summary_through": 5})).covers_through == 0
+
+
+def test_summaries_past_a_cut_back_log_are_ignored_and_edits_know_what_to_forget() -> None:
+    meta = ConversationMeta(
+        created_at=1,
+        updated_at=1,
+        summary_text="old",
+        summary_through=4,
+        summary_version=1,
+        summary_next_text="new",
+        summary_next_through=10,
+        summary_next_version=2,
+    )
+    assert summary_state(meta).covers_through == 10
+    cut_back = summary_state(meta, stored=6)
+    assert cut_back.current == SummaryRecord("old", 4, 1, None, None)
+    assert cut_back.next is None
+    assert summary_state(meta, stored=3).newest is None
+    current = ["summary_text", "summary_through", "summary_version", "summary_by", "summary_at"]
+    upcoming = [f.replace("summary_", "summary_next_") for f in current]
+    assert fields_to_forget(meta, 11) == []
+    assert fields_to_forget(meta, 10) == upcoming
+    assert fields_to_forget(meta, 5) == upcoming
+    assert fields_to_forget(meta, 4) == current + upcoming
+    assert fields_to_forget(None, 1) == []
 
 
 def test_put_summary_maps_to_metadata_fields() -> None:
@@ -819,3 +845,57 @@ async def test_turns_do_not_start_jobs_while_backing_off(
 async def _failures(http: httpx.AsyncClient, cid: str) -> bool:
     failures: int = (await http.get(f"/conversations/{cid}")).json()["summary"]["failures"]
     return failures > 0
+
+
+async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis, redis_url: str
+) -> None:
+    from redis.asyncio import ConnectionPool
+
+    from service.auth import Caller
+    from service.chat import ChatService, TurnPolicy
+    from service.schemas import TurnCreate
+    from service.store import ConversationStore
+    from tests.test_turns import CountingConnection
+
+    await fill(client, 6)  # 12 messages
+    await client.put(f"/conversations/{REF.id}", json={"token_budget": 200})
+    async with summarizer(redis, gateway) as service:  # on its own, uncounted, connections
+        assert await run(service, 8) == "stored"  # `next`, through 8
+        pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+        counted = Redis.from_pool(pool)
+        store = ConversationStore(
+            counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
+        )
+        await store.load_scripts()
+        async with serve_in_process(gateway) as url, aiohttp.ClientSession() as session:
+            chat = ChatService(
+                store,
+                GatewayClient(
+                    session,
+                    base_url=url,
+                    api_key=SecretStr(GATEWAY_KEY),
+                    timeout_seconds=5,
+                    max_retries=0,
+                    retry_after_cap_seconds=1,
+                ),
+                TurnPolicy(
+                    default_model="m", token_budget=120, lock_wait_seconds=1, lease_seconds=10
+                ),
+                summaries=service,
+            )
+            CountingConnection.writes = 0
+            result = await chat.turn(
+                REF,
+                TurnCreate.model_validate(user("q-next " * 72)),
+                caller=Caller(tenant="acme", upstream_key=None),
+                request_id="r",
+                idempotency_key=None,
+            )
+            writes = CountingConnection.writes
+        await counted.aclose()
+    context = orjson.loads(result.body)["conversation"]["context"]
+    assert context["summary"] == {"version": 1, "covers_through": 8}  # moved with it...
+    assert context["summary_lag"] == 0
+    assert writes == 2  # ...and the turn still took two round trips, the promotion included
+    assert (await meta(redis))["summary_version"] == "1"

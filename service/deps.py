@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Path, Request
 from service.auth import Authenticator, Caller
 from service.chat import ChatService
 from service.config import Settings
+from service.detached import DetachedTurns
 from service.end_user_auth import capped_turn
 from service.errors import Forbidden, InvalidRequest
 from service.logs import annotate
@@ -33,6 +34,14 @@ async def get_store(request: Request) -> ConversationStore:
 async def get_chat(request: Request) -> ChatService:
     chat: ChatService = request.state.chat
     return chat
+
+
+async def get_detached(request: Request) -> DetachedTurns:
+    detached: DetachedTurns = request.state.detached
+    return detached
+
+
+DetachedDep = Annotated[DetachedTurns, Depends(get_detached)]
 
 
 async def get_caller(request: Request) -> Caller:

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service import demo, detached_routes, end_user_routes, routes
 from service.auth import Authenticator
+from service.catalog import ModelCatalog
 from service.chat import ChatService, TurnPolicy
 from service.config import Settings, get_settings
 from service.detached import DetachedPolicy, DetachedTurns
@@ -153,6 +154,8 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 turn_seconds=cfg.gateway_timeout_seconds,
                 ping_seconds=cfg.sse_ping_seconds,
                 trim_low_water=cfg.trim_low_water,
+                cache_control_models=cfg.cache_control_patterns(),
+                cache_min_tokens=cfg.cache_min_tokens,
             )
             summaries = SummaryService(
                 SummaryStore(redis),
@@ -168,7 +171,10 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 ),
             )
             stack.push_async_callback(summaries.aclose)  # before the gateway session closes
-            chat = ChatService(store, gateway, policy, summaries=summaries)
+            catalog = ModelCatalog(session, str(cfg.gateway_url))
+            catalog.start()
+            stack.push_async_callback(catalog.aclose)
+            chat = ChatService(store, gateway, policy, summaries=summaries, catalog=catalog)
             detached = DetachedTurns(
                 chat,
                 TurnJournal(

@@ -17,6 +17,8 @@ import orjson
 
 from service import metrics
 from service.auth import Caller
+from service.cache_breakpoints import needs_breakpoints, place_breakpoints
+from service.catalog import ModelCatalog, catalog_budget
 from service.errors import (
     ConversationBusy,
     GatewayError,
@@ -34,7 +36,7 @@ from service.gateway import (
 )
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
-from service.models import JSONObject, Message, Role
+from service.models import ConversationMeta, JSONObject, Message, Role
 from service.relay import relay_upstream
 from service.schemas import TurnCreate
 from service.store import (
@@ -50,7 +52,7 @@ from service.store import (
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
 from service.summaries import SummaryService, summary_window
 from service.summary_plan import SummaryUse, promotion, turn_context
-from service.tokens import ARRAY_OVERHEAD, message_tokens, next_factor, tools_tokens
+from service.tokens import ARRAY_OVERHEAD, corrected, message_tokens, next_factor, tools_tokens
 from service.trim import BudgetExceeded, Window, choose_window, continues_turn, fetch_scale
 
 log = logging.getLogger("service.chat")
@@ -68,6 +70,8 @@ class TurnPolicy:
     turn_seconds: float = 120.0  # the gateway's time limit: no turn holds its lease longer
     ping_seconds: float = 15.0  # a comment line this often while a stream is silent
     trim_low_water: float = 0.6  # TRIM_LOW_WATER: the share of the budget a window jumps to
+    cache_control_models: tuple[str, ...] = ("claude-*",)  # CACHE_CONTROL_MODELS
+    cache_min_tokens: int = 1024  # CACHE_MIN_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,26 @@ class _Turn:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Budget:
+    tokens: int
+    source: str  # "conversation", "token_budget_setting" or "model_context_length"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a turn forwards, decided before the gateway is called."""
+
+    model: str
+    budget: Budget
+    window: Window
+    summary: SummaryUse | None
+    payload: JSONObject  # the gateway request body, breakpoints included
+    estimates: list[int]  # each forwarded message, in the gateway's units
+    breakpoints: list[int]  # indexes of the messages given a cache breakpoint
+    raw_estimate: int  # the forwarded array, in local estimate units
+
+
 def fingerprint(turn: TurnCreate) -> str:
     """The request body, canonical, without `stream`: a replay may ask for either form."""
     body = turn.model_dump(mode="json", exclude={"stream"}, exclude_unset=True)
@@ -113,11 +137,13 @@ class ChatService:
         policy: TurnPolicy,
         *,
         summaries: SummaryService | None = None,
+        catalog: ModelCatalog | None = None,
     ) -> None:
         self._store = store
         self._gateway = gateway
         self._policy = policy
         self._summaries = summaries
+        self._catalog = catalog
 
     async def turn(
         self,
@@ -311,12 +337,53 @@ class ChatService:
         upstream_key: str | None,
         request_id: str,
     ) -> _Turn:
+        plan = self._forwarded(ref, request, begun, new_wire)
+        window = plan.window
+        annotate(dropped_messages=window.dropped_messages, estimated_tokens=window.estimated_tokens)
+        return _Turn(
+            ref=ref,
+            lock_value=lock_value,
+            started=begun,
+            request=request,
+            idempotency=idempotency,
+            model=plan.model,
+            budget=plan.budget.tokens,
+            window=window,
+            payload=plan.payload,
+            raw_estimate=plan.raw_estimate,
+            new_messages=new_wire,
+            renewal=renewal,
+            deadline=deadline,
+            summary=plan.summary,
+            first_seq=window.start,
+            upstream_key=upstream_key,
+            request_id=request_id,
+        )
+
+    def _budget(self, meta: ConversationMeta | None, model: str, max_tokens: Any) -> Budget:
+        """The conversation's own budget, else min(TOKEN_BUDGET, the model's context length less
+        the turn's max_tokens) from the gateway's catalog."""
+        if meta is not None and meta.token_budget:
+            return Budget(meta.token_budget, "conversation")
+        limits = self._catalog.limits(model) if self._catalog is not None else None
+        reserve = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
+        return Budget(*catalog_budget(self._policy.token_budget, limits, reserve))
+
+    def _forwarded(
+        self,
+        ref: ConversationRef,
+        request: TurnCreate,
+        begun: Started,
+        new_wire: list[JSONObject],
+    ) -> Plan:
+        """What a turn forwards: the window chosen (service/trim.py), the summary with it, and
+        prompt-cache breakpoints on the forwarded copy. Raises OverTokenBudget."""
         meta = begun.meta
         model = request.model or (meta.model if meta else None) or self._policy.default_model
-        budget = (meta.token_budget if meta else None) or self._policy.token_budget
         system = request.system if request.system is not None else (meta.system if meta else None)
         system_wire = [{"role": "system", "content": system}] if system else []
         params = request.gateway_params()
+        budget = self._budget(meta, model, params.get("max_tokens"))
         # Tool definitions are pinned like the system prompt: the gateway counts them.
         system_tokens = sum(message_tokens(m) for m in system_wire) + tools_tokens(
             params.get("tools")
@@ -339,7 +406,7 @@ class ChatService:
                 summary_tokens=forwarded.tokens if forwarded else 0,
                 new_tokens=new_tokens,
                 continues_turn=continues_turn(new_wire),
-                budget=budget,
+                budget=budget.tokens,
                 factor=factor,
                 start=max(start, covered + 1),
                 low_water=low_water,
@@ -359,6 +426,18 @@ class ChatService:
             *(m.to_wire() for m in window.history),
             *new_wire,
         ]
+        estimates = [corrected(message_tokens(m), factor) for m in messages]
+        breakpoints: list[int] = []
+        if needs_breakpoints(model, self._policy.cache_control_models):
+            pinned = len(system_wire) + len(summary_wire)
+            messages, breakpoints = place_breakpoints(
+                messages,
+                tokens=estimates,
+                pinned=pinned,
+                stable=pinned + len(window.history),
+                min_tokens=self._policy.cache_min_tokens,
+                tools=params.get("tools"),
+            )
         raw = (
             ARRAY_OVERHEAD
             + system_tokens
@@ -366,26 +445,43 @@ class ChatService:
             + new_tokens
             + sum(m.tokens for m in window.history)
         )
-        annotate(dropped_messages=window.dropped_messages, estimated_tokens=window.estimated_tokens)
-        return _Turn(
-            ref=ref,
-            lock_value=lock_value,
-            started=begun,
-            request=request,
-            idempotency=idempotency,
+        return Plan(
             model=model,
             budget=budget,
             window=window,
-            payload={**params, "model": model, "messages": messages},
-            raw_estimate=raw,
-            new_messages=new_wire,
-            renewal=renewal,
-            deadline=deadline,
             summary=summary,
-            first_seq=window.start,
-            upstream_key=upstream_key,
-            request_id=request_id,
+            payload={**params, "model": model, "messages": messages},
+            estimates=estimates,
+            breakpoints=breakpoints,
+            raw_estimate=raw,
         )
+
+    async def preview(self, ref: ConversationRef, request: TurnCreate) -> JSONObject:
+        """What a turn with this body would forward now: no lease, no gateway call, nothing
+        stored (`POST /conversations/{id}/context`)."""
+        new_wire = [m.to_wire() for m in request.new_messages()]
+        requested_model = request.model or self._policy.default_model
+        begun = await self._store.peek(
+            ref,
+            default_budget=self._policy.token_budget,
+            budget_scale=fetch_scale(self._store.cached_factor(ref.tenant, requested_model)),
+            max_messages=MAX_WINDOW_MESSAGES,
+        )
+        plan = self._forwarded(ref, request, begun, new_wire)
+        window = plan.window
+        return {
+            "request": plan.payload,
+            "messages": plan.payload["messages"],
+            "estimated_tokens": plan.estimates,
+            "estimated_total": window.estimated_tokens,
+            "breakpoints": plan.breakpoints,
+            "window_start": window.start,
+            "window_jumped": window.jumped,
+            "dropped_messages": window.dropped_messages,
+            **turn_context(plan.summary, window.start),
+            "token_budget": plan.budget.tokens,
+            "budget_source": plan.budget.source,
+        }
 
     async def delete(self, ref: ConversationRef) -> bool:
         """Delete a conversation once no turn holds it; False if there was none."""

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
 
     # Cache-stable windows (issue 11): an overflowing window jumps back to this share of the budget.
     trim_low_water: float = Field(default=0.6, gt=0, le=1)
+    # Models that cache only at explicit breakpoints (fnmatch patterns, comma-separated), and the
+    # shortest prefix worth one (the provider caches nothing shorter).
+    cache_control_models: str = "claude-*,anthropic/claude-*"
+    cache_min_tokens: int = Field(default=1024, ge=0)
 
     # Rolling summaries of what falls out of the window (issue 11 section 3), opt-in.
     summary: Literal["off", "on"] = "off"
@@ -171,6 +175,9 @@ class Settings(BaseSettings):
                 "(never expiring needs MAX_CONVERSATION_TTL_SECONDS=0)"
             )
         return self
+
+    def cache_control_patterns(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.cache_control_models.split(",") if p.strip())
 
     def extra_gateway_params(self) -> frozenset[str]:
         return frozenset(p.strip() for p in self.gateway_extra_params.split(",") if p.strip())

@@ -56,7 +56,7 @@ end
 """
 
 # KEYS: log, tok, meta, lock[, idem]
-# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash}.
+# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash, peek}.
 # Reads the suffix of the log from the window start (`window_start` in meta), stopping once the
 # estimates pass budget x scale or max_messages: what to forward is decided in service/trim.py.
 # Answers {'replay', body} | {'mismatch'} | {'inflight', pttl} | {'busy', pttl}
@@ -65,27 +65,32 @@ BEGIN_TURN = (
     _TOKENS
     + r"""
 local p = cjson.decode(ARGV[1])
-if #KEYS == 5 then
-  local record = redis.call('GET', KEYS[5])
-  if record then
-    if string.sub(record, 1, 64) == p.fingerprint then return {'replay', string.sub(record, 66)} end
-    return {'mismatch'}
-  end
-end
-local holder = redis.call('GET', KEYS[4])
--- Our own value: a client-side retry of an attempt that did take the lease.
-if holder and holder ~= p.lock then
-  local pttl = redis.call('PTTL', KEYS[4])
+-- A preview (`peek`) takes no lease and reads no idempotency record: only the read below.
+if not p.peek then
   if #KEYS == 5 then
-    local _, _, held_key, held_fp = string.find(holder, '^[^\n]*\n([^\n]*)\n(.*)$')
-    if held_key == p.key_hash then
-      if held_fp ~= p.fingerprint then return {'mismatch'} end
-      return {'inflight', pttl}
+    local record = redis.call('GET', KEYS[5])
+    if record then
+      if string.sub(record, 1, 64) == p.fingerprint then
+        return {'replay', string.sub(record, 66)}
+      end
+      return {'mismatch'}
     end
   end
-  return {'busy', pttl}
+  local holder = redis.call('GET', KEYS[4])
+  -- Our own value: a client-side retry of an attempt that did take the lease.
+  if holder and holder ~= p.lock then
+    local pttl = redis.call('PTTL', KEYS[4])
+    if #KEYS == 5 then
+      local _, _, held_key, held_fp = string.find(holder, '^[^\n]*\n([^\n]*)\n(.*)$')
+      if held_key == p.key_hash then
+        if held_fp ~= p.fingerprint then return {'mismatch'} end
+        return {'inflight', pttl}
+      end
+    end
+    return {'busy', pttl}
+  end
+  redis.call('SET', KEYS[4], p.lock, 'PX', p.lease_ms)
 end
-redis.call('SET', KEYS[4], p.lock, 'PX', p.lease_ms)
 local length = redis.call('LLEN', KEYS[1])
 if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
 local budget = tonumber(redis.call('HGET', KEYS[3], 'token_budget') or p.budget)

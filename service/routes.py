@@ -26,6 +26,7 @@ from service.deps import (
 )
 from service.errors import ConversationNotFound, StoreUnavailable
 from service.schemas import (
+    ContextPreview,
     ConversationList,
     ConversationListItem,
     ConversationPublic,
@@ -106,6 +107,13 @@ async def _indexed_when_done(
             yield last
     if last.endswith(DONE):  # a detached turn's events carry an `id:` line first
         await store.touch_user_index(ref, sub)
+
+
+@router.post("/{conversation_id}/context")
+async def preview_context(body: TurnDep, ref: ConversationDep, chat: ChatDep) -> ContextPreview:
+    """The exact array a turn with this body would forward: no gateway call, no lease, nothing
+    stored. Bad input is answered as for a turn."""
+    return ContextPreview.model_validate(await chat.preview(ref, body))
 
 
 @router.get("/{conversation_id}/messages", response_model_exclude_unset=True)

@@ -520,3 +520,20 @@ class TurnStatus(BaseModel):
     )
     state: Literal["running", "done", "failed", "cancelled", "lost"]
     detached: bool
+
+
+class ContextPreview(BaseModel):
+    """`POST /conversations/{id}/context`: what a turn with this body would forward now."""
+
+    request: JSONObject  # the gateway request body: model, messages, parameters
+    messages: list[JSONObject]  # the forwarded array, cache breakpoints included
+    estimated_tokens: list[int]  # each message, in the gateway's units (the learned correction)
+    estimated_total: int  # the whole array, as trimming counted it against the budget
+    breakpoints: list[int]  # indexes of the messages the service gave a cache breakpoint
+    window_start: int  # the seq the forwarded history begins at
+    window_jumped: bool  # this turn would move the window start
+    dropped_messages: int
+    summary: TurnSummary | None
+    summary_lag: int | None
+    token_budget: int
+    budget_source: Literal["conversation", "token_budget_setting", "model_context_length"]

@@ -374,6 +374,27 @@ class ConversationStore:
             return Mismatch()
         return Waiting(retry_in_ms=max(1, int(answer[1])), inflight=kind == "inflight")
 
+    async def peek(
+        self,
+        ref: ConversationRef,
+        *,
+        default_budget: int,
+        budget_scale: float,
+        max_messages: int,
+    ) -> Started:
+        """The window's suffix and metadata as a turn would read them, without its lease."""
+        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
+        argument = orjson.dumps(
+            {
+                "peek": True,
+                "budget": default_budget,
+                "scale": budget_scale,
+                "max_messages": max_messages,
+            }
+        )
+        answer = await self._script("BEGIN_TURN", keys, [argument])
+        return Started(length=int(answer[1]), meta=_meta(answer[2]), window=_window(answer[3], ref))
+
     async def commit_turn(
         self,
         ref: ConversationRef,

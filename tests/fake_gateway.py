@@ -70,6 +70,9 @@ class FakeGateway:
     cached_share: float = 0.0
     written_share: float = 0.0
     punctuation_tokens: bool = False  # count each symbol as a token (see gateway_tokens)
+    # GET /models: the catalog's entries, as the gateway lists them; None answers 503.
+    catalog: list[dict[str, Any]] | None = field(default_factory=list)
+    catalog_reads: int = 0
     ignore_stream: bool = False  # answer JSON even when asked to stream
     chunk_size: int = 4  # characters per streamed delta
     stream_gate: asyncio.Event | None = None  # streaming pauses after the first chunk until set
@@ -96,6 +99,13 @@ class FakeGateway:
         """The aiohttp handler for POST /v1/chat/completions."""
         status, headers, content = await self.respond(dict(request.headers), await request.json())
         return await send(request, status, headers, content)
+
+    async def models(self, _: web.Request) -> web.Response:
+        """GET /v1/models: the catalog (no key needed, as the gateway's)."""
+        self.catalog_reads += 1
+        if self.catalog is None:
+            return web.json_response({"error": "unavailable"}, status=503)
+        return web.json_response({"data": self.catalog})
 
     async def respond(
         self, headers: dict[str, str], body: dict[str, Any]
@@ -381,6 +391,7 @@ async def serve_in_process(gateway: FakeGateway) -> AsyncIterator[str]:
     """Serve `gateway` on a free loopback port; yields its base URL (…/v1)."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", gateway.handle)
+    app.router.add_get("/v1/models", gateway.models)
     # Short shutdown: a call a test left held (an event never set) is cancelled, not awaited.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()

@@ -79,6 +79,7 @@ class GatewayServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.completions)
+        app.router.add_get("/v1/models", lambda request: self.fake.models(request))
         app.router.add_get("/_received", self.received)
         app.router.add_post("/_config", self.configure)
         app.router.add_post("/_release", self.release)

@@ -1,0 +1,67 @@
+"""Automatic prompt-cache breakpoints for models that need explicit caching. Pure.
+
+Claude models cache only up to a message marked `cache_control: {"type": "ephemeral"}`; others
+cache automatically. For a model matching CACHE_CONTROL_MODELS, the forwarded copy (never the
+stored messages) gets a breakpoint on the last message of the stable prefix (the stored history,
+which the next turn forwards again byte for byte while the window start holds) and on the last
+block of the pinned system prompt and summary, when what it closes is at least CACHE_MIN_TOKENS
+(the provider caches nothing shorter). Anthropic allows 4 breakpoints per request, the client's
+own included: those are counted, and ours are left out first (the system block's first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+from service.models import JSONObject
+
+EPHEMERAL: JSONObject = {"type": "ephemeral"}
+MAX_BREAKPOINTS = 4
+
+
+def needs_breakpoints(model: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(model, pattern) for pattern in patterns)
+
+
+def _marks(value: Any) -> int:
+    """cache_control markers a client put anywhere in a message or tool definition."""
+    if isinstance(value, dict):
+        own = 1 if isinstance(value.get("cache_control"), dict) else 0
+        return own + sum(_marks(v) for k, v in value.items() if k != "cache_control")
+    if isinstance(value, list):
+        return sum(_marks(v) for v in value)
+    return 0
+
+
+def place_breakpoints(
+    messages: Sequence[JSONObject],
+    *,
+    tokens: Sequence[int],
+    pinned: int,
+    stable: int,
+    min_tokens: int,
+    tools: Any = None,
+) -> tuple[list[JSONObject], list[int]]:
+    """The array to forward, with breakpoints added, and their indexes.
+
+    `tokens[i]` is message i's estimate (in the gateway's units); `pinned` how many leading
+    messages are the system prompt and summary; `stable` how many leading messages (pinned ones
+    included) form the prefix the next turn repeats. A breakpoint closes a prefix of at least
+    `min_tokens`; a message that already carries one is left as it is.
+    """
+    budget = MAX_BREAKPOINTS - _marks(list(messages)) - _marks(tools)
+    wanted: list[int] = []
+    for end in (stable, pinned):  # most valuable first: the whole stable prefix
+        index = end - 1
+        if index < 0 or index in wanted or sum(tokens[:end]) < min_tokens:
+            continue
+        if isinstance(messages[index].get("cache_control"), dict):
+            continue  # the client's own already closes this prefix
+        wanted.append(index)
+    chosen = sorted(wanted[: max(0, budget)])
+    out = [dict(m) for m in messages]
+    for index in chosen:
+        out[index]["cache_control"] = dict(EPHEMERAL)
+    return out, chosen

@@ -49,6 +49,13 @@ async def get_caller(request: Request) -> Caller:
     authenticator: Authenticator = request.state.authenticator
     caller = await authenticator.authenticate(request.headers.get("authorization"))
     annotate(tenant=caller.tenant)
+    # A route takes end-user tokens only if it checks what they allow: those under
+    # /conversations do (get_conversation, get_turn, get_update); any other must opt in here.
+    path = request.url.path
+    if caller.end_user is not None and not (
+        path == "/conversations" or path.startswith("/conversations/")
+    ):
+        raise Forbidden("end-user tokens are accepted on /conversations routes only")
     limiter: RateLimiter = request.state.limiter
     await limiter.take(caller.tenant, caller.end_user.sub if caller.end_user else None)
     return caller

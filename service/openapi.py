@@ -40,6 +40,18 @@ _CONVERSATION = [401, 403, 404, 422, 429, 503]
 _ERRORS: dict[tuple[str, str], list[int]] = {
     ("post", "/conversations/{conversation_id}/messages"): sorted(_STATUS_MEANINGS),
     ("get", "/conversations/{conversation_id}/messages"): _CONVERSATION,
+    # A preview calls no gateway and takes no lease: a turn's errors before either.
+    ("post", "/conversations/{conversation_id}/context"): [
+        400,
+        401,
+        403,
+        408,
+        413,
+        415,
+        422,
+        429,
+        503,
+    ],
     ("get", "/conversations/{conversation_id}"): _CONVERSATION,
     ("put", "/conversations/{conversation_id}"): [400, 401, 403, 408, 413, 415, 422, 429, 503],
     ("delete", "/conversations/{conversation_id}"): [401, 403, 404, 409, 422, 429, 503],

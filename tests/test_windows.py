@@ -266,7 +266,7 @@ async def test_the_preview_is_what_the_next_turn_forwards_and_stores_nothing(
         assert (
             await client.post("/conversations/p/messages", json=user(words(i)))
         ).status_code == 200
-    keys = sorted(await redis.keys("*"))
+    keys: list[Any] = sorted(await redis.keys("*"))
     snapshot = {k: await redis.dump(k) for k in keys if not k.endswith(b":calibration")}
     calls = gateway.calls
     body = user("what next?", temperature=0.5)
@@ -336,7 +336,8 @@ async def test_budgets_come_from_the_model_catalog(redis_url: str, gateway: Fake
             return shown
 
         async def tiny_known() -> bool:
-            return (await source(user("hi", model="tiny-model")))["token_budget"] == 1000
+            budget: int = (await source(user("hi", model="tiny-model")))["token_budget"]
+            return budget == 1000
 
         await eventually(tiny_known, what="the catalog to apply")
         shown = await source(user("hi", model="tiny-model", max_tokens=500))

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     summary_max_tokens: int = Field(default=1024, ge=16, le=32_000)
     summary_retry_seconds: float = Field(default=60.0, ge=0)
     # The share of the budget the history jumps back to when the window moves (issue 11).
-    trim_low_water: float = Field(default=0.6, gt=0, lt=1)
+    trim_low_water: float = Field(default=0.6, gt=0, le=1)
 
     # End users (issue 13): browser front ends holding short-lived tokens instead of keys.
     end_user_jwt_secrets: SecretStr | None = None  # "tenant:<base64>,..." (HS256)

@@ -13,10 +13,11 @@ import aiohttp
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import demo, end_user_routes, routes
+from service import demo, detached_routes, end_user_routes, routes
 from service.auth import Authenticator
 from service.chat import ChatService, TurnPolicy
 from service.config import Settings, get_settings
+from service.detached import DetachedPolicy, DetachedTurns
 from service.embedded_redis import EmbeddedRedis
 from service.end_user_auth import EndUserTokens
 from service.errors import install_error_handlers
@@ -28,6 +29,7 @@ from service.redis_client import open_redis
 from service.store import ConversationStore
 from service.summaries import SummaryPolicy, SummaryService
 from service.summary_store import SummaryStore
+from service.turn_journal import TurnJournal
 
 log = logging.getLogger("service")
 
@@ -43,6 +45,7 @@ class State(TypedDict):
     settings: Settings
     store: ConversationStore
     chat: ChatService
+    detached: DetachedTurns
     authenticator: Authenticator
     end_user_tokens: EndUserTokens
     limiter: RateLimiter
@@ -164,6 +167,23 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 ),
             )
             stack.push_async_callback(summaries.aclose)  # before the gateway session closes
+            chat = ChatService(store, gateway, policy, summaries=summaries)
+            detached = DetachedTurns(
+                chat,
+                TurnJournal(
+                    redis,
+                    ttl_seconds=cfg.detached_ttl_seconds,
+                    max_events=cfg.detached_max_events,
+                    turn_seconds=cfg.gateway_timeout_seconds,
+                ),
+                DetachedPolicy(
+                    lease_seconds=cfg.lock_ttl_seconds,
+                    ping_seconds=cfg.sse_ping_seconds,
+                    cancel_wait_seconds=cfg.lock_wait_seconds,
+                    shutdown_seconds=cfg.shutdown_timeout_seconds,
+                ),
+            )
+            stack.push_async_callback(detached.aclose)  # its turns need Redis and the gateway
             log.info(
                 "started",
                 extra={
@@ -174,7 +194,8 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
             yield {
                 "settings": cfg,
                 "store": store,
-                "chat": ChatService(store, gateway, policy, summaries=summaries),
+                "chat": chat,
+                "detached": detached,
                 "authenticator": Authenticator(client_keys, end_user_tokens),
                 "end_user_tokens": end_user_tokens,
                 "limiter": limiter,
@@ -191,9 +212,15 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
         strict_content_type=False,  # no Content-Type: read as JSON (others get 415 first)
     )
     app.include_router(routes.router)
+    app.include_router(detached_routes.router)
     app.include_router(end_user_routes.router)
     app.include_router(routes.ops)
-    own_routes = [*routes.router.routes, *end_user_routes.router.routes, *routes.ops.routes]
+    own_routes = [
+        *routes.router.routes,
+        *detached_routes.router.routes,
+        *end_user_routes.router.routes,
+        *routes.ops.routes,
+    ]
     if cfg.demo_page:
         app.include_router(demo.router)
         own_routes += demo.router.routes

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     tenant_rate: str = ""
     demo_page: bool = False
 
+    # Detached turns (issue 16): how long a finished turn's events stay readable, and how many.
+    detached_ttl_seconds: int = Field(default=3600, ge=1)
+    detached_max_events: int = Field(default=10_000, ge=100)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:

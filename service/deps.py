@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Path, Request
 from service.auth import Authenticator, Caller
 from service.chat import ChatService
 from service.config import Settings
+from service.detached import DetachedTurns
 from service.end_user_auth import capped_turn
 from service.errors import Forbidden, InvalidRequest
 from service.logs import annotate
@@ -35,11 +36,26 @@ async def get_chat(request: Request) -> ChatService:
     return chat
 
 
+async def get_detached(request: Request) -> DetachedTurns:
+    detached: DetachedTurns = request.state.detached
+    return detached
+
+
+DetachedDep = Annotated[DetachedTurns, Depends(get_detached)]
+
+
 async def get_caller(request: Request) -> Caller:
     """The authenticated caller, once its tenant's and end user's rate limits let it in."""
     authenticator: Authenticator = request.state.authenticator
     caller = await authenticator.authenticate(request.headers.get("authorization"))
     annotate(tenant=caller.tenant)
+    # A route takes end-user tokens only if it checks what they allow: those under
+    # /conversations do (get_conversation, get_turn, get_update); any other must opt in here.
+    path = request.url.path
+    if caller.end_user is not None and not (
+        path == "/conversations" or path.startswith("/conversations/")
+    ):
+        raise Forbidden("end-user tokens are accepted on /conversations routes only")
     limiter: RateLimiter = request.state.limiter
     await limiter.take(caller.tenant, caller.end_user.sub if caller.end_user else None)
     return caller

@@ -55,8 +55,6 @@ async def mint_end_user_token(
     body: EndUserTokenCreate, caller: CallerDep, request: Request
 ) -> EndUserTokenPublic:
     tokens: EndUserTokens = request.state.end_user_tokens
-    if caller.end_user is not None:
-        raise Forbidden("an end-user token cannot mint tokens; use the tenant's key")
     if caller.upstream_key is not None:
         raise Forbidden("pass-through mode cannot mint end-user tokens (set API_KEYS)")
     if not tokens.can_mint(caller.tenant):

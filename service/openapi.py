@@ -22,10 +22,11 @@ _STATUS_MEANINGS = {
     401: "No key, or a wrong one; an end-user token that is bad, expired or too long-lived",
     403: "An end-user token used outside its conversations, scope or caps; or the gateway "
     "refused the key",
-    404: "No such conversation for this tenant (or, from the gateway, no such model)",
+    404: "No such conversation for this tenant (or, from the gateway, no such model); no "
+    "detached turn to stream",
     408: "The headers or body did not arrive in time",
     409: "The conversation stayed busy past LOCK_WAIT_SECONDS, or the same idempotent request "
-    "is still running",
+    "is still running; no running detached turn to cancel",
     413: "The body is over MAX_BODY_BYTES, or the new messages exceed the token budget",
     415: "The body is not JSON",
     422: "A bad id, field, type or limit, or an Idempotency-Key reused with another body",
@@ -44,6 +45,8 @@ _ERRORS: dict[tuple[str, str], list[int]] = {
     ("delete", "/conversations/{conversation_id}"): [401, 403, 404, 409, 422, 429, 503],
     ("get", "/conversations"): [401, 403, 422, 429, 503],
     ("post", "/end-user-tokens"): [400, 401, 403, 408, 413, 415, 422, 429, 503],
+    ("get", "/conversations/{conversation_id}/stream"): _CONVERSATION,
+    ("post", "/conversations/{conversation_id}/cancel"): [401, 403, 409, 422, 429, 503],
     ("get", "/readyz"): [503],
 }
 _SAME_ID = {"conversation_id": "$request.path.conversation_id"}
@@ -70,6 +73,8 @@ _OPERATION_IDS = {
     ("delete", "/conversations/{conversation_id}"): "DeleteConversation",
     ("get", "/conversations"): "ListConversations",
     ("post", "/end-user-tokens"): "MintEndUserToken",
+    ("get", "/conversations/{conversation_id}/stream"): "FollowTurn",
+    ("post", "/conversations/{conversation_id}/cancel"): "CancelTurn",
 }
 
 
@@ -140,6 +145,16 @@ def _message_schema() -> dict[str, Any]:
     }
 
 
+def _not_null(parameter: dict[str, Any]) -> None:
+    """An optional header or query parameter is absent or a string: never JSON's null, which
+    FastAPI writes for `X | None`."""
+    schema = parameter.get("schema", {})
+    options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
+    if parameter.get("in") in ("header", "query") and len(options) == 1:
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        parameter["schema"] = {**options[0], **rest}
+
+
 def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
@@ -160,6 +175,13 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     token_ttl["maximum"] = settings.end_user_token_max_seconds
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    # A detached turn is read as a stream: `detach: true` needs `stream: true`.
+    schemas["TurnCreate"].setdefault("allOf", []).append(
+        {
+            "if": {"properties": {"detach": {"const": True}}, "required": ["detach"]},
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        }
+    )
     turn = schemas["TurnCreate"]["properties"]
     # A single new message is the last one: a user message or a tool result.
     turn["message"] = {"oneOf": [schemas["MessageCreate"]["oneOf"][i] for i in (0, 2)]}
@@ -194,6 +216,8 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 operation["security"] = [{"clientKey": []}, {"endUserToken": []}]
             elif path == "/end-user-tokens":
                 operation["security"] = [{"clientKey": []}]
+            for parameter in operation.get("parameters", []):
+                _not_null(parameter)
             responses = operation["responses"]
             responses.pop("422", None)
             for status in _ERRORS.get(key, []):

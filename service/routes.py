@@ -16,6 +16,7 @@ from service.deps import (
     CallerDep,
     ChatDep,
     ConversationDep,
+    DetachedDep,
     IdempotencyKeyDep,
     RequestIdDep,
     SettingsDep,
@@ -72,12 +73,14 @@ async def post_turn(
     ref: ConversationDep,
     caller: CallerDep,
     chat: ChatDep,
+    detached: DetachedDep,
     store: StoreDep,
     request_id: RequestIdDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
     if body.stream:
-        events, replayed = await chat.stream(
+        start = detached.start if body.detach else chat.stream
+        events, replayed = await start(
             ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
         )
         headers = {**SSE_HEADERS, "Idempotent-Replayed": "true"} if replayed else SSE_HEADERS
@@ -101,7 +104,7 @@ async def _indexed_when_done(
     async with contextlib.aclosing(events):  # type: ignore[type-var] # an async generator
         async for last in events:
             yield last
-    if last == DONE:
+    if last.endswith(DONE):  # a detached turn's events carry an `id:` line first
         await store.touch_user_index(ref, sub)
 
 
@@ -121,9 +124,11 @@ async def get_messages(
 
 @router.get("/{conversation_id}")
 async def get_conversation(
-    ref: ConversationDep, store: StoreDep, settings: SettingsDep
+    ref: ConversationDep, store: StoreDep, settings: SettingsDep, detached: DetachedDep
 ) -> ConversationPublic:
-    return await _public(store, ref, settings)
+    public = await _public(store, ref, settings)
+    public.turn = await detached.status(ref)
+    return public
 
 
 @router.put("/{conversation_id}", responses={201: {"description": "Created"}})

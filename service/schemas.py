@@ -193,6 +193,8 @@ class TurnCreate(BaseModel):
     model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
     system: StrictStr | None = Field(default=None, max_length=limits.MAX_SYSTEM_CHARS)
     stream: StrictBool = False
+    # Run to the end whatever the client does; resumable and cancellable (service/detached.py).
+    detach: StrictBool = False
     max_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -235,6 +237,8 @@ class TurnCreate(BaseModel):
             raise ValueError("'messages' must not be empty")
         if new[-1].role not in ("user", "tool"):
             raise ValueError("the last new message must be a user or tool message")
+        if self.detach and not self.stream:
+            raise ValueError("'detach' needs 'stream': true (a detached turn is read as a stream)")
         _encodable(self.model_dump(mode="json"))
         return self
 
@@ -259,7 +263,7 @@ class TurnCreate(BaseModel):
         params = self.model_dump(
             mode="json",
             exclude_none=True,
-            exclude={"message", "messages", "model", "system", "stream"},
+            exclude={"message", "messages", "model", "system", "stream", "detach"},
         )
         params.update(self.model_extra or {})
         for reserved in ("messages", "model", "stream"):
@@ -439,6 +443,7 @@ class ConversationPublic(BaseModel):
     metadata: JSONObject | None
     ttl_seconds: int
     summary: SummaryPublic
+    turn: TurnStatus | None = None  # the running turn, else the latest detached one
 
 
 class ConversationListItem(BaseModel):
@@ -494,3 +499,14 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
+
+
+class TurnStatus(BaseModel):
+    """A conversation's running turn, or its latest detached one (issue 16)."""
+
+    id: str | None = Field(
+        description="the detached turn's id (its events' ids start with it); null for a turn "
+        "that is not detached"
+    )
+    state: Literal["running", "done", "failed", "cancelled", "lost"]
+    detached: bool

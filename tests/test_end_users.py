@@ -358,6 +358,9 @@ async def test_minting_is_refused_where_it_must_be(
         assert bad_conv.status_code == 422
         by_a_user = await http.post("/end-user-tokens", json=body, headers=bearer(token()))
         assert by_a_user.status_code == 403
+        assert by_a_user.json()["detail"] == (
+            "end-user tokens are accepted on /conversations routes only"
+        )
         no_secret = await http.post(
             "/end-user-tokens", json=body, headers={"Authorization": f"Bearer {OTHER_KEY}"}
         )

@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 lease_seconds=cfg.lock_ttl_seconds,
                 turn_seconds=cfg.gateway_timeout_seconds,
                 ping_seconds=cfg.sse_ping_seconds,
+                trim_low_water=cfg.trim_low_water,
             )
             summaries = SummaryService(
                 SummaryStore(redis),

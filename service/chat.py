@@ -50,15 +50,13 @@ from service.store import (
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
 from service.summaries import SummaryService, summary_window
 from service.summary_plan import SummaryUse, promotion, turn_context
-from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, message_tokens, next_factor
-from service.trim import BudgetExceeded, Window, choose_window
+from service.tokens import ARRAY_OVERHEAD, message_tokens, next_factor, tools_tokens
+from service.trim import BudgetExceeded, Window, choose_window, continues_turn, fetch_scale
 
 log = logging.getLogger("service.chat")
 R = TypeVar("R")
 
 MAX_WINDOW_MESSAGES = 10_000
-# Over-fetch the window, so a correction factor that dropped since our last look still fills it.
-FETCH_MARGIN = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +67,7 @@ class TurnPolicy:
     lease_seconds: float
     turn_seconds: float = 120.0  # the gateway's time limit: no turn holds its lease longer
     ping_seconds: float = 15.0  # a comment line this often while a stream is silent
+    trim_low_water: float = 0.6  # TRIM_LOW_WATER: the share of the budget a window jumps to
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,9 +247,7 @@ class ChatService:
         )
         lease_ms = int(self._policy.lease_seconds * 1000)
         requested_model = request.model or self._policy.default_model
-        scale = 1 / (
-            FETCH_MARGIN * max(MIN_FACTOR, min(1.0, self._store.cached_factor(requested_model)))
-        )
+        scale = fetch_scale(self._store.cached_factor(ref.tenant, requested_model))
 
         async def attempt() -> Started | Replay | Mismatch | Waiting:
             return await self._store.begin_turn(
@@ -319,24 +316,33 @@ class ChatService:
         budget = (meta.token_budget if meta else None) or self._policy.token_budget
         system = request.system if request.system is not None else (meta.system if meta else None)
         system_wire = [{"role": "system", "content": system}] if system else []
-        system_tokens = sum(message_tokens(m) for m in system_wire)
+        params = request.gateway_params()
+        # Tool definitions are pinned like the system prompt: the gateway counts them.
+        system_tokens = sum(message_tokens(m) for m in system_wire) + tools_tokens(
+            params.get("tools")
+        )
         new_tokens = sum(message_tokens(m) for m in new_wire)
-        factor = self._store.cached_factor(model)
+        factor = self._store.cached_factor(ref.tenant, model)
+        low_water = (meta.trim_low_water if meta else None) or self._policy.trim_low_water
+        start = (meta.window_start if meta else None) or 1
         summary = (
             self._summaries.for_turn(meta, model, stored=begun.length) if self._summaries else None
         )
 
         def choose(forwarded: SummaryUse | None) -> Window:
-            # A summary stands in for the messages it covers: history starts after them.
+            # A summary stands in for the messages it covers: the window starts after them.
             covered = forwarded.covers_through if forwarded else 0
             return choose_window(
-                history=[m for m in begun.window if m.seq > covered] if covered else begun.window,
+                history=begun.window,
                 stored_count=begun.length,
-                system_tokens=system_tokens + (forwarded.tokens if forwarded else 0),
+                system_tokens=system_tokens,
+                summary_tokens=forwarded.tokens if forwarded else 0,
                 new_tokens=new_tokens,
-                continues_turn=new_wire[0]["role"] != Role.USER,
+                continues_turn=continues_turn(new_wire),
                 budget=budget,
                 factor=factor,
+                start=max(start, covered + 1),
+                low_water=low_water,
             )
 
         try:
@@ -370,13 +376,13 @@ class ChatService:
             model=model,
             budget=budget,
             window=window,
-            payload={**request.gateway_params(), "model": model, "messages": messages},
+            payload={**params, "model": model, "messages": messages},
             raw_estimate=raw,
             new_messages=new_wire,
             renewal=renewal,
             deadline=deadline,
             summary=summary,
-            first_seq=window.history[0].seq if window.history else begun.length + 1,
+            first_seq=window.start,
             upstream_key=upstream_key,
             request_id=request_id,
         )
@@ -419,6 +425,9 @@ class ChatService:
                 "estimated_tokens": turn.window.estimated_tokens,
                 "dropped_messages": turn.window.dropped_messages,
                 "token_budget": turn.budget,
+                "window_start": turn.window.start,
+                "cache_read_input_tokens": reply.usage.cache_read,
+                "cache_creation_input_tokens": reply.usage.cache_write,
                 **turn_context(turn.summary, turn.first_seq),
             },
         }
@@ -429,10 +438,15 @@ class ChatService:
         if turn.request.system is not None:
             meta_updates["system"] = turn.request.system
         meta_updates.update(promotion(turn.summary))
+        started_meta = turn.started.meta
+        if (started_meta.window_start if started_meta else None) != turn.window.start:
+            meta_updates["window_start"] = str(turn.window.start)
         factor = None
-        if reply.input_tokens > 0:
+        if reply.usage.prompt > 0:  # the prompt's full size: cached parts count too
             factor = next_factor(
-                self._store.cached_factor(turn.model), turn.raw_estimate, reply.input_tokens
+                self._store.cached_factor(turn.ref.tenant, turn.model),
+                turn.raw_estimate,
+                reply.usage.prompt,
             )
         outcome = await self._store.commit_turn(
             turn.ref,
@@ -440,8 +454,7 @@ class ChatService:
             expected_length=turn.started.length,
             messages=records,
             meta_updates=meta_updates,
-            input_tokens=reply.input_tokens,
-            output_tokens=reply.output_tokens,
+            usage=reply.usage,
             record=IdempotentRecord(turn.idempotency, body) if turn.idempotency else None,
             model=turn.model,
             factor=factor,
@@ -453,8 +466,7 @@ class ChatService:
                 headers={"Retry-After": "1"},
             )
         metrics.TURNS.labels("committed").inc()
-        metrics.TOKENS.labels("input").inc(reply.input_tokens)
-        metrics.TOKENS.labels("output").inc(reply.output_tokens)
+        metrics.record_usage(turn.model, reply.usage)
         metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
         annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)
         self._summarize_after(turn, records)
@@ -471,7 +483,7 @@ class ChatService:
             history=[*turn.window.history, *stored],
             fixed_tokens=turn.raw_estimate - forwarded_history,
             budget=turn.budget,
-            factor=self._store.cached_factor(turn.model),
+            factor=self._store.cached_factor(turn.ref.tenant, turn.model),
             client_key=turn.upstream_key,
             request_id=turn.request_id,
         )

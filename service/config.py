@@ -83,13 +83,14 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     max_concurrency: int = Field(default=2000, ge=1)  # connections and tasks per process
 
+    # Cache-stable windows (issue 11): an overflowing window jumps back to this share of the budget.
+    trim_low_water: float = Field(default=0.6, gt=0, le=1)
+
     # Rolling summaries of what falls out of the window (issue 11 section 3), opt-in.
     summary: Literal["off", "on"] = "off"
     summary_model: str | None = Field(default=None, max_length=200)  # None: the turn's model
     summary_max_tokens: int = Field(default=1024, ge=16, le=32_000)
     summary_retry_seconds: float = Field(default=60.0, ge=0)
-    # The share of the budget the history jumps back to when the window moves (issue 11).
-    trim_low_water: float = Field(default=0.6, gt=0, le=1)
 
     # End users (issue 13): browser front ends holding short-lived tokens instead of keys.
     end_user_jwt_secrets: SecretStr | None = None  # "tenant:<base64>,..." (HS256)

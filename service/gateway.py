@@ -28,6 +28,7 @@ from service.logs import annotate
 from service.models import JSONObject
 from service.sse import EventTooLarge, ServerSentEvent, SSEDecoder
 from service.upstream_errors import error_text, redact, retry_after_seconds, upstream_error
+from service.usage import Usage, read_usage
 
 log = logging.getLogger("service.gateway")
 
@@ -46,8 +47,16 @@ class Reply:
     """The parts of a completion the service keeps: the assistant message and usage."""
 
     message: JSONObject  # role, content, tool_calls where present
-    input_tokens: int
-    output_tokens: int
+    usage: Usage
+
+    @property
+    def input_tokens(self) -> int:
+        """The prompt's full size, cached parts included."""
+        return self.usage.prompt
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output
 
 
 @dataclass(slots=True)
@@ -99,7 +108,7 @@ def record_upstream_time(started: float) -> None:
 
 def parse_reply(completion: Any) -> Reply:
     """Read a completion defensively: tool_calls under the message or (older spec) the choice,
-    usage as input/output_tokens or prompt/completion_tokens."""
+    usage in any shape service/usage.py reads."""
     if not isinstance(completion, dict):
         raise GatewayError("the gateway's answer is not a JSON object")
     choices = completion.get("choices")
@@ -120,21 +129,7 @@ def parse_reply(completion: Any) -> Reply:
     reply: JSONObject = {"role": "assistant", "content": content}
     if tool_calls:
         reply["tool_calls"] = tool_calls
-    raw_usage = completion.get("usage")
-    usage: JSONObject = raw_usage if isinstance(raw_usage, dict) else {}
-    return Reply(
-        message=reply,
-        input_tokens=usage_count(usage, "input_tokens", "prompt_tokens"),
-        output_tokens=usage_count(usage, "output_tokens", "completion_tokens"),
-    )
-
-
-def usage_count(usage: JSONObject, *names: str) -> int:
-    for name in names:
-        value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return 0
+    return Reply(message=reply, usage=read_usage(completion.get("usage")))
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:

@@ -6,7 +6,11 @@ Names follow Prometheus conventions: the product prefix `convproxy_`, base units
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from service.usage import Usage
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -42,7 +46,25 @@ UPSTREAM_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 UPSTREAM_RETRIES = Counter("convproxy_upstream_retries_total", "Gateway calls retried")
-TOKENS = Counter("convproxy_tokens_total", "Tokens reported by the gateway", ["direction"])
+TOKENS = Counter(
+    "convproxy_tokens_total",
+    "Tokens of turns reported by the gateway: input (the prompts' full size) and output",
+    ["direction"],
+)
+PROMPT_TOKENS = Counter(
+    "convproxy_prompt_tokens_total",
+    "Prompt tokens of turns by model and kind: uncached, cache_read, cache_write",
+    ["model", "kind"],
+)
+CACHE_HIT_RATIO = Gauge(
+    "convproxy_prompt_cache_hit_ratio",
+    "Share of this process's prompt tokens served from the provider's cache, by model",
+    ["model"],
+)
+MAX_MODEL_LABELS = 100  # model names come from clients: past this many, they count as "other"
+_models: set[str] = set()
+_cache_totals: dict[str, tuple[int, int]] = {}  # model label -> (cache-read tokens, all prompt)
+_lock = threading.Lock()
 DROPPED_MESSAGES = Counter(
     "convproxy_dropped_messages_total", "Stored messages left out of forwarded windows by trimming"
 )
@@ -87,3 +109,30 @@ SUMMARY_LAGGED_TURNS = Counter(
     "convproxy_summary_lagged_turns_total",
     "Turns with summaries on that left out messages no summary covered yet",
 )
+
+
+def model_label(model: str) -> str:
+    """A bounded label for a client-chosen model name."""
+    with _lock:
+        if model in _models:
+            return model
+        if len(_models) < MAX_MODEL_LABELS:
+            _models.add(model)
+            return model
+    return "other"
+
+
+def record_usage(model: str, usage: Usage) -> None:
+    """One turn's usage: totals, the uncached / cache-read / cache-write split, the hit rate."""
+    TOKENS.labels("input").inc(usage.prompt)
+    TOKENS.labels("output").inc(usage.output)
+    label = model_label(model)
+    PROMPT_TOKENS.labels(label, "uncached").inc(usage.uncached)
+    PROMPT_TOKENS.labels(label, "cache_read").inc(usage.cache_read)
+    PROMPT_TOKENS.labels(label, "cache_write").inc(usage.cache_write)
+    with _lock:
+        read, total = _cache_totals.get(label, (0, 0))
+        read, total = read + usage.cache_read, total + usage.prompt
+        _cache_totals[label] = (read, total)
+    if total:
+        CACHE_HIT_RATIO.labels(label).set(read / total)

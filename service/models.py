@@ -18,11 +18,8 @@ class Role(StrEnum):
 
 
 class Message(BaseModel):
-    """One stored message.
-
-    `tokens` is declared first on purpose: the window-reading Lua script reads it from the
-    start of the JSON (`{"tokens":N,...`) without decoding the rest.
-    """
+    """One stored message; `tokens` is its local estimate, also kept in the conversation's
+    token list beside the log (service/store.py), which is what the window read uses."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -60,8 +57,13 @@ class ConversationMeta(BaseModel):
     token_budget: int | None = None
     ttl_seconds: int | None = None
     metadata: JSONObject | None = None
-    input_tokens: int = 0
+    input_tokens: int = 0  # the prompts' full size, cached parts included
     output_tokens: int = 0
+    uncached_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    window_start: int | None = None  # the seq the forwarded history begins at (service/trim.py)
+    trim_low_water: float | None = None  # the conversation's own TRIM_LOW_WATER
     # Rolling summaries (service/summary_plan.py): the settings `PUT summary` sets...
     summary_enabled: bool | None = None
     summary_model: str | None = None

@@ -34,96 +34,127 @@ local function touch_index(index, now, member, ttl)
 end
 """
 
-# KEYS: log, meta, lock[, idem]   ARGV: lock value, lease ms, default budget, max messages,
-# request fingerprint, idempotency key hash, budget scale (estimate units per budget token).
-# The window is the longest suffix of the log whose estimates fit the scaled budget.
+# The token list (`tok`) holds each stored message's estimate beside it, at the same index, so
+# the window read needs no JSON of the log. A log written without it (before it existed, or by a
+# script that left it out) is noticed by its length and rebuilt from the records: a one-off
+# migration, after which reads are O(window) again.
+_TOKENS = r"""
+local function rebuild_tokens(log, tok, length)
+  redis.call('DEL', tok)
+  for first = 0, length - 1, 500 do
+    local items = redis.call('LRANGE', log, first, first + 499)
+    local tokens = {}
+    for i, item in ipairs(items) do
+      local ok, record = pcall(cjson.decode, item)
+      tokens[i] = (ok and type(record) == 'table' and tonumber(record.tokens)) or 0
+    end
+    redis.call('RPUSH', tok, unpack(tokens))
+  end
+  local ttl = redis.call('PTTL', log)
+  if ttl > 0 then redis.call('PEXPIRE', tok, ttl) end
+end
+"""
+
+# KEYS: log, tok, meta, lock[, idem]
+# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash}.
+# Reads the suffix of the log from the window start (`window_start` in meta), stopping once the
+# estimates pass budget x scale or max_messages: what to forward is decided in service/trim.py.
 # Answers {'replay', body} | {'mismatch'} | {'inflight', pttl} | {'busy', pttl}
-#       | {'ok', length, meta pairs, window newest first}.
-BEGIN_TURN = r"""
-if #KEYS == 4 then
-  local record = redis.call('GET', KEYS[4])
+#       | {'ok', length, meta pairs, suffix oldest first}.
+BEGIN_TURN = (
+    _TOKENS
+    + r"""
+local p = cjson.decode(ARGV[1])
+if #KEYS == 5 then
+  local record = redis.call('GET', KEYS[5])
   if record then
-    if string.sub(record, 1, 64) == ARGV[5] then return {'replay', string.sub(record, 66)} end
+    if string.sub(record, 1, 64) == p.fingerprint then return {'replay', string.sub(record, 66)} end
     return {'mismatch'}
   end
 end
-local holder = redis.call('GET', KEYS[3])
+local holder = redis.call('GET', KEYS[4])
 -- Our own value: a client-side retry of an attempt that did take the lease.
-if holder and holder ~= ARGV[1] then
-  local pttl = redis.call('PTTL', KEYS[3])
-  if #KEYS == 4 then
+if holder and holder ~= p.lock then
+  local pttl = redis.call('PTTL', KEYS[4])
+  if #KEYS == 5 then
     local _, _, held_key, held_fp = string.find(holder, '^[^\n]*\n([^\n]*)\n(.*)$')
-    if held_key == ARGV[6] then
-      if held_fp ~= ARGV[5] then return {'mismatch'} end
+    if held_key == p.key_hash then
+      if held_fp ~= p.fingerprint then return {'mismatch'} end
       return {'inflight', pttl}
     end
   end
   return {'busy', pttl}
 end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[4], p.lock, 'PX', p.lease_ms)
 local length = redis.call('LLEN', KEYS[1])
-local budget = tonumber(redis.call('HGET', KEYS[2], 'token_budget') or ARGV[3])
-local limit = budget * tonumber(ARGV[7])
-local max_messages = tonumber(ARGV[4])
-local window = {}
-local used = 0
-local upper = length
-local chunk = 16
-local full = false
-while upper > 0 and not full do
-  local lower = math.max(0, upper - chunk)
-  local items = redis.call('LRANGE', KEYS[1], lower, upper - 1)
-  for i = #items, 1, -1 do
-    local tokens = tonumber(string.match(items[i], '^{"tokens":(%d+)')) or 0
-    if used + tokens > limit or #window >= max_messages then full = true break end
-    used = used + tokens
-    window[#window + 1] = items[i]
+if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
+local budget = tonumber(redis.call('HGET', KEYS[3], 'token_budget') or p.budget)
+local limit = budget * p.scale
+local floor = (tonumber(redis.call('HGET', KEYS[3], 'window_start')) or 1) - 1
+if floor < 0 or floor > length then floor = 0 end
+local used, lower, upper, chunk, full = 0, length, length, 16, false
+while upper > floor and not full do
+  local first = math.max(floor, upper - chunk)
+  local tokens = redis.call('LRANGE', KEYS[2], first, upper - 1)
+  for i = #tokens, 1, -1 do
+    local t = tonumber(tokens[i]) or 0
+    if used + t > limit or length - lower >= p.max_messages then full = true break end
+    used = used + t
+    lower = lower - 1
   end
-  upper = lower
+  upper = first
   chunk = chunk * 2
 end
-return {'ok', length, redis.call('HGETALL', KEYS[2]), window}
+local suffix = {}
+if lower < length then suffix = redis.call('LRANGE', KEYS[1], lower, length - 1) end
+return {'ok', length, redis.call('HGETALL', KEYS[3]), suffix}
 """
+)
 
-# KEYS: log, meta, lock, idem, idem set, index (unused ones repeat the log key)
-# ARGV: lock value, expected length, now, default ttl, has idem, idem record, idem ttl,
-# has index, index member, input tokens, output tokens, index ttl, message count, messages...,
-# then meta field/value pairs.  Answers {'ok', length} | {'lost'} | {'conflict'}.
-# Messages are pushed a hundred at a time: `unpack` of thousands of arguments overflows Lua's
+# KEYS: log, tok, meta, lock, idem, idem set, index (unused ones repeat the log key)
+# ARGV[1]: JSON {lock, expected, now, ttl, idem (bool), idem_record, idem_ttl, index (bool),
+# member, index_ttl, usage {field: increment}, messages [JSON text], tokens [int], meta {k: v}}.
+# Answers {'ok', length} | {'lost'} | {'conflict'}.
+# Messages are pushed a hundred at a time: `unpack` of thousands of values overflows Lua's
 # C stack ("too many results to unpack").
 COMMIT_TURN = (
     _SLIDE_TTL
     + _TOUCH_INDEX
+    + _TOKENS
     + r"""
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then
+local p = cjson.decode(ARGV[1])
+if redis.call('GET', KEYS[4]) ~= p.lock then
   -- A client-side retry of a commit that already applied must not report a lost lease.
-  if redis.call('HGET', KEYS[2], 'last_turn') == ARGV[1] then
+  if redis.call('HGET', KEYS[3], 'last_turn') == p.lock then
     return {'ok', redis.call('LLEN', KEYS[1])}
   end
   return {'lost'}
 end
-if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[3])
+local length = redis.call('LLEN', KEYS[1])
+if length ~= tonumber(p.expected) then
+  redis.call('DEL', KEYS[4])
   return {'conflict'}
 end
-local count = tonumber(ARGV[13])
-local length = redis.call('LLEN', KEYS[1])
-for first = 14, 13 + count, 100 do
-  length = redis.call('RPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 99, 13 + count)))
+if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
+local count = #p.messages
+for first = 1, count, 100 do
+  local last = math.min(first + 99, count)
+  length = redis.call('RPUSH', KEYS[1], unpack(p.messages, first, last))
+  redis.call('RPUSH', KEYS[2], unpack(p.tokens, first, last))
 end
-for i = 14 + count, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('HSETNX', KEYS[2], 'created_at', ARGV[3])
-redis.call('HSET', KEYS[2], 'updated_at', ARGV[3], 'last_turn', ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'input_tokens', ARGV[10])
-redis.call('HINCRBY', KEYS[2], 'output_tokens', ARGV[11])
-slide_ttl(KEYS[2], KEYS[1], ARGV[4])
-if ARGV[5] == '1' then
-  redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
-  redis.call('SADD', KEYS[5], KEYS[4])
-  redis.call('EXPIRE', KEYS[5], ARGV[7])
+for field, value in pairs(p.meta) do redis.call('HSET', KEYS[3], field, value) end
+redis.call('HSETNX', KEYS[3], 'created_at', p.now)
+redis.call('HSET', KEYS[3], 'updated_at', p.now, 'last_turn', p.lock)
+for field, value in pairs(p.usage) do redis.call('HINCRBY', KEYS[3], field, value) end
+slide_ttl(KEYS[3], KEYS[1], p.ttl)
+slide_ttl(KEYS[3], KEYS[2], p.ttl)
+if p.idem then
+  redis.call('SET', KEYS[5], p.idem_record, 'EX', p.idem_ttl)
+  redis.call('SADD', KEYS[6], KEYS[5])
+  redis.call('EXPIRE', KEYS[6], p.idem_ttl)
 end
-if ARGV[8] == '1' then touch_index(KEYS[6], ARGV[3], ARGV[9], ARGV[12]) end
-redis.call('DEL', KEYS[3])
+if p.index then touch_index(KEYS[7], p.now, p.member, p.index_ttl) end
+redis.call('DEL', KEYS[4])
 return {'ok', length}
 """
 )
@@ -142,7 +173,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: meta, log[, index]   ARGV: now, default ttl, index member, index ttl, then
+# KEYS: meta, log, tok[, index]   ARGV: now, default ttl, index member, index ttl, then
 # op/field/value triples (op 'set' or 'del').  Answers 1 when the conversation was created.
 UPSERT_META = (
     _SLIDE_TTL
@@ -159,19 +190,20 @@ for i = 5, #ARGV, 3 do
   end
 end
 slide_ttl(KEYS[1], KEYS[2], ARGV[2])
-if #KEYS == 3 then touch_index(KEYS[3], ARGV[1], ARGV[3], ARGV[4]) end
+slide_ttl(KEYS[1], KEYS[3], ARGV[2])
+if #KEYS == 4 then touch_index(KEYS[4], ARGV[1], ARGV[3], ARGV[4]) end
 if created then return 1 end
 return 0
 """
 )
 
-# KEYS: log, meta, lock, idem set[, index]   ARGV: index member.
+# KEYS: log, meta, lock, idem set, tok[, index]   ARGV: index member.
 # Answers {'busy', pttl} while a turn holds the lock, else {'ok', existed}.
 DELETE_CONVERSATION = r"""
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', redis.call('PTTL', KEYS[3])} end
 local existed = redis.call('EXISTS', KEYS[2])
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', key) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
-if #KEYS == 5 then redis.pcall('ZREM', KEYS[5], ARGV[1]) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
+if #KEYS == 6 then redis.pcall('ZREM', KEYS[6], ARGV[1]) end
 return {'ok', existed}
 """

@@ -224,7 +224,13 @@ async def _public(
         model=meta.model,
         system=meta.system,
         token_budget=meta.token_budget or settings.token_budget,
-        usage=Usage(input_tokens=meta.input_tokens, output_tokens=meta.output_tokens),
+        usage=Usage(
+            input_tokens=meta.input_tokens,
+            output_tokens=meta.output_tokens,
+            uncached_input_tokens=meta.uncached_input_tokens,
+            cache_read_input_tokens=meta.cache_read_input_tokens,
+            cache_creation_input_tokens=meta.cache_creation_input_tokens,
+        ),
         metadata=meta.metadata,
         ttl_seconds=(
             meta.ttl_seconds if meta.ttl_seconds is not None else settings.conversation_ttl_seconds
@@ -234,6 +240,8 @@ async def _public(
             default_enabled=settings.summary == "on",
             default_model=settings.summary_model,
         ),
+        trim_low_water=meta.trim_low_water or settings.trim_low_water,
+        window_start=meta.window_start or 1,
     )
 
 

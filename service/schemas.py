@@ -313,6 +313,8 @@ class ConversationUpdate(BaseModel):
     ttl_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 24 * 3600, strict=True)] | None = None
     metadata: dict[str, Any] | None = None
     summary: SummarySettings | None = None
+    # The share of the budget a window jumps back to when it overflows (service/trim.py).
+    trim_low_water: Annotated[float, Field(gt=0, le=1, strict=True)] | None = None
 
     _whole_numbers = field_validator("token_budget", "ttl_seconds", mode="before")(_integral)
 
@@ -386,8 +388,14 @@ class MessagePage(BaseModel):
 
 
 class Usage(BaseModel):
+    """The turns' totals as the gateway reported them. `input_tokens` is the prompts' full size;
+    the three parts below split it by how the provider's prompt cache served it."""
+
     input_tokens: int
     output_tokens: int
+    uncached_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 class SummaryUsage(BaseModel):
@@ -443,6 +451,8 @@ class ConversationPublic(BaseModel):
     metadata: JSONObject | None
     ttl_seconds: int
     summary: SummaryPublic
+    trim_low_water: float  # its own, or TRIM_LOW_WATER
+    window_start: int  # the seq the forwarded history begins at (1: the beginning)
     turn: TurnStatus | None = None  # the running turn, else the latest detached one
 
 

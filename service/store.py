@@ -2,9 +2,14 @@
 
 Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:log        list of message JSON; a message's seq is its list index + 1
+  conv:{T:I}:tok        list of each message's token estimate, at the same index as in `log`
+                        (every script that writes `log` writes it too; a length that differs
+                        from the log's makes the next turn rebuild it from the records)
   conv:{T:I}:meta       hash: created_at, updated_at, system, model, token_budget, ttl_seconds,
-                        metadata (JSON), input_tokens, output_tokens, and summary_* (the rolling
-                        summary and its settings: service/summary_store.py)
+                        metadata (JSON), usage totals (input_tokens, output_tokens,
+                        uncached_input_tokens, cache_read_input_tokens,
+                        cache_creation_input_tokens), window_start, trim_low_water, and
+                        summary_* (the rolling summary and its settings: summary_store.py)
   conv:{T:I}:sumlock    the summary job's lease (service/summary_store.py)
   conv:{T:I}:lock       the turn lease: "<token>\\n<idempotency key hash>\\n<fingerprint>"
   conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
@@ -12,7 +17,7 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
 Per tenant: conv:{T}:index, a sorted set of conversation ids by last activity (epoch seconds),
 expiring MAX_CONVERSATION_TTL_SECONDS after its last write; conv:{T}:user:<hash of sub>:index,
 the same for what one end user wrote.
-Per model: conv:calibration, a hash of token-estimate correction factors.
+Per tenant: conv:{T}:calibration, a hash of token-estimate correction factors by model.
 """
 
 from __future__ import annotations
@@ -45,13 +50,15 @@ from redis.exceptions import (
 from service import metrics, redis_scripts
 from service.errors import StoreUnavailable
 from service.models import ConversationMeta, ConversationSummary, Message
+from service.tokens import PRIOR_FACTOR
+from service.usage import Usage
 
 log = logging.getLogger("service.store")
 RedisClient = Redis | RedisCluster
 _WINDOW: TypeAdapter[list[Message]] = TypeAdapter(list[Message])  # one parse for a whole window
 # Other replicas' token-estimate corrections are read at most this often (with a turn's window).
 FACTORS_REFRESH_SECONDS = 1.0
-CALIBRATION_KEY = "conv:calibration"
+MAX_CACHED_TENANTS = 10_000  # corrections kept in memory; beyond, the oldest are forgotten
 # Error replies that mean "not now" rather than "wrong": persistence failing, a replica promoted.
 _TRANSIENT_REPLIES = ("MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY")
 T = TypeVar("T")
@@ -68,6 +75,10 @@ class ConversationRef:
     @property
     def index_key(self) -> str:
         return f"conv:{{{self.tenant}}}:index"
+
+    @property
+    def calibration_key(self) -> str:
+        return f"conv:{{{self.tenant}}}:calibration"
 
 
 def user_index_key(tenant: str, sub: str) -> str:
@@ -216,8 +227,8 @@ class ConversationStore:
             )
         }
         self._sha: dict[str, str] = {}
-        self._factors: dict[str, float] = {}
-        self._factors_read = -FACTORS_REFRESH_SECONDS
+        # tenant -> (monotonic time read, model -> correction factor)
+        self._factors: dict[str, tuple[float, dict[str, float]]] = {}
 
     def register_script(self, name: str, source: str) -> None:
         """A script of another module (rate limits), loaded and reloaded with the store's own."""
@@ -230,8 +241,14 @@ class ConversationStore:
         for name, source in self._sources.items():
             self._sha[name] = _text(await self._redis.script_load(source))
 
-    def cached_factor(self, model: str) -> float:
-        return self._factors.get(model, 1.0)
+    def cached_factor(self, tenant: str, model: str) -> float:
+        """The tenant's correction for `model` as last read; the prior before any observation."""
+        return self._factors.get(tenant, (0.0, {}))[1].get(model, PRIOR_FACTOR)
+
+    def _remember_factors(self, tenant: str, read_at: float, factors: dict[str, float]) -> None:
+        if tenant not in self._factors and len(self._factors) >= MAX_CACHED_TENANTS:
+            self._factors.pop(next(iter(self._factors)))
+        self._factors[tenant] = (read_at, factors)
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
@@ -316,37 +333,39 @@ class ConversationStore:
         max_messages: int,
         idempotency: Idempotency | None,
     ) -> BeginResult:
-        """Take the lease and read the window in one round trip, with the shared token-estimate
-        corrections of every model."""
-        keys = [ref.key("log"), ref.key("meta"), ref.key("lock")]
+        """Take the lease and read the window's suffix in one round trip, with the tenant's
+        token-estimate corrections when they are over a second old."""
+        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
         if idempotency is not None:
             keys.append(ref.key(f"idem:{idempotency.key_hash}"))
-        args = [
-            lock_value,
-            lease_ms,
-            default_budget,
-            max_messages,
-            idempotency.fingerprint if idempotency else "",
-            idempotency.key_hash if idempotency else "",
-            repr(budget_scale),
-        ]
+        argument = orjson.dumps(
+            {
+                "lock": lock_value,
+                "lease_ms": lease_ms,
+                "budget": default_budget,
+                "scale": budget_scale,
+                "max_messages": max_messages,
+                "fingerprint": idempotency.fingerprint if idempotency else "",
+                "key_hash": idempotency.key_hash if idempotency else "",
+            }
+        )
 
         def fill(pipe: Any) -> None:
-            pipe.evalsha(self._sha["BEGIN_TURN"], len(keys), *keys, *args)
-            pipe.hgetall(CALIBRATION_KEY)
+            pipe.evalsha(self._sha["BEGIN_TURN"], len(keys), *keys, argument)
+            pipe.hgetall(ref.calibration_key)
 
         now = time.monotonic()
-        if now - self._factors_read >= FACTORS_REFRESH_SECONDS:
+        read_at = self._factors.get(ref.tenant, (-FACTORS_REFRESH_SECONDS, {}))[0]
+        if now - read_at >= FACTORS_REFRESH_SECONDS:
             answer, factors = await self._pipeline(fill)
-            self._factors.update({_text(k): float(v) for k, v in factors.items()})
-            self._factors_read = now
+            self._remember_factors(
+                ref.tenant, now, {_text(k): float(v) for k, v in factors.items()}
+            )
         else:  # the shared corrections are under a second old: the script alone
-            answer = await self._script("BEGIN_TURN", keys, args)
+            answer = await self._script("BEGIN_TURN", keys, [argument])
         kind = _text(answer[0])
         if kind == "ok":
-            items = answer[3]  # newest first
-            items.reverse()
-            window = _window(items, ref)
+            window = _window(answer[3], ref)
             return Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
         if kind == "replay":
             body = answer[1]
@@ -363,58 +382,73 @@ class ConversationStore:
         expected_length: int,
         messages: Sequence[Message],
         meta_updates: dict[str, str],
-        input_tokens: int,
-        output_tokens: int,
+        usage: Usage,
         record: IdempotentRecord | None,
         model: str,
         factor: float | None,
     ) -> Literal["ok", "lost", "conflict"]:
-        """Append the turn, update metadata, index and TTL, store the idempotent response and
-        release the lease: atomically, and only if the lease is still ours (fencing)."""
+        """Append the turn, update metadata, usage totals, index and TTL, store the idempotent
+        response and release the lease: atomically, and only if the lease is still ours
+        (fencing). A changed correction `factor` for the tenant's `model` is written beside."""
         now = time.time()
         log = ref.key("log")
         idem_key = ref.key(f"idem:{record.idempotency.key_hash}") if record else log
         index_inline = not self._cluster
         keys = [
             log,
+            ref.key("tok"),
             ref.key("meta"),
             ref.key("lock"),
             idem_key,
             ref.key("idemkeys") if record else log,
             ref.index_key if index_inline else log,
         ]
-        args: list[Any] = [
-            lock_value,
-            expected_length,
-            repr(now),
-            self._ttl,
-            "1" if record else "0",
-            (record.idempotency.fingerprint.encode() + b"\n" + record.body) if record else "",
-            self._idem_ttl,
-            "1" if index_inline else "0",
-            ref.id,
-            input_tokens,
-            output_tokens,
-            self._index_ttl,
-            len(messages),
-            *(m.model_dump_json(exclude_none=True) for m in messages),
-        ]
-        for field, value in meta_updates.items():
-            args += [field, value]
+        argument = orjson.dumps(
+            {
+                "lock": lock_value,
+                "expected": expected_length,
+                "now": repr(now),
+                "ttl": self._ttl,
+                "idem": record is not None,
+                "idem_record": (
+                    record.idempotency.fingerprint + "\n" + record.body.decode() if record else ""
+                ),
+                "idem_ttl": self._idem_ttl,
+                "index": index_inline,
+                "member": ref.id,
+                "index_ttl": self._index_ttl,
+                "usage": {
+                    "input_tokens": usage.prompt,
+                    "output_tokens": usage.output,
+                    "uncached_input_tokens": usage.uncached,
+                    "cache_read_input_tokens": usage.cache_read,
+                    "cache_creation_input_tokens": usage.cache_write,
+                },
+                "messages": [m.model_dump_json(exclude_none=True) for m in messages],
+                "tokens": [m.tokens for m in messages],
+                "meta": meta_updates,
+            }
+        )
+        calibration = ref.calibration_key
+        known = self._factors.get(ref.tenant, (0.0, {}))[1]
 
         def fill(pipe: Any) -> None:
-            pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, *args)
-            pipe.hset(CALIBRATION_KEY, model, repr(factor))
+            pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, argument)
+            pipe.hset(calibration, model, repr(factor))
+            if self._index_ttl > 0:
+                pipe.expire(calibration, self._index_ttl)
 
-        if factor is not None and factor != self._factors.get(model):
+        if factor is not None and factor != known.get(model):
             answer = (await self._pipeline(fill))[0]
         else:  # an unchanged correction needs no write: the script alone
-            answer = await self._script("COMMIT_TURN", keys, args)
+            answer = await self._script("COMMIT_TURN", keys, [argument])
         outcome = _text(answer[0])
         if outcome == "ok" and self._cluster:
             await self._touch_index(ref, now)
         if factor is not None:
-            self._factors[model] = factor
+            known[model] = factor
+            if ref.tenant not in self._factors:
+                self._remember_factors(ref.tenant, time.monotonic(), known)
         return "ok" if outcome == "ok" else "lost" if outcome == "lost" else "conflict"
 
     async def renew(self, ref: ConversationRef, lock_value: str, lease_ms: int) -> bool:
@@ -463,7 +497,7 @@ class ConversationStore:
     ) -> bool:
         """Create or update settings; True when the conversation was created."""
         now = time.time()
-        keys = [ref.key("meta"), ref.key("log")]
+        keys = [ref.key("meta"), ref.key("log"), ref.key("tok")]
         index_inline = not self._cluster
         if index_inline:
             keys.append(ref.index_key)
@@ -500,7 +534,13 @@ class ConversationStore:
 
     async def delete(self, ref: ConversationRef) -> Waiting | bool:
         """Delete everything of a conversation unless a turn holds it; True if it existed."""
-        keys = [ref.key("log"), ref.key("meta"), ref.key("lock"), ref.key("idemkeys")]
+        keys = [
+            ref.key("log"),
+            ref.key("meta"),
+            ref.key("lock"),
+            ref.key("idemkeys"),
+            ref.key("tok"),
+        ]
         if not self._cluster:
             keys.append(ref.index_key)
         answer = await self._script("DELETE_CONVERSATION", keys, [ref.id])

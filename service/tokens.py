@@ -1,8 +1,10 @@
-"""Local token estimates and their per-model correction from what the gateway reports.
+"""Local token estimates and their correction from what the gateway reports.
 
 The estimate is deliberately simple and fast (UTF-8 bytes / 4, plus a fixed per-message overhead):
-it is never the gateway's count, so every model gets a correction factor learned from
-`usage.input_tokens`, shared through Redis by every replica.
+it is never the gateway's count, so each tenant and model gets a correction factor learned from
+the prompt's full size as the gateway reports it (service/usage.py), shared through Redis by every
+replica. Per tenant, so one tenant's odd content (2,000 `!`, which a tokenizer counts about one
+token per character) raises only that tenant's correction, never another's window.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ NON_TEXT_PART = 85  # an image or other non-text part: a flat low-detail cost
 MIN_FACTOR = 0.25
 MAX_FACTOR = 8.0
 DECAY = 0.2  # weight of a new observation when it is below the current factor
+# Before any observation: generous, since bytes / 4 undercounts most tokenizers (code, punctuation
+# and non-Latin text more), so the very first turn stays within the budget too.
+PRIOR_FACTOR = 1.5
+# What is learned is the observed ratio plus this margin: the next array mixes messages a little
+# differently, and the budget is a cap, not a target.
+SAFETY_MARGIN = 1.03
 
 
 def text_tokens(text: str) -> int:
@@ -52,6 +60,13 @@ def message_tokens(message: dict[str, Any]) -> int:
     return total
 
 
+def tools_tokens(tools: object) -> int:
+    """Tool definitions: the gateway counts them in the prompt, so the budget does too."""
+    if not tools:
+        return 0
+    return text_tokens(orjson.dumps(tools).decode())
+
+
 def corrected(estimate: int, factor: float) -> int:
     """An estimate in the gateway's units."""
     return int(estimate * factor + 0.999)
@@ -65,7 +80,7 @@ def next_factor(current: float, estimate: int, reported: int) -> float:
     """
     if estimate <= 0 or reported <= 0:
         return current
-    observed = min(MAX_FACTOR, max(MIN_FACTOR, reported / estimate))
+    observed = min(MAX_FACTOR, max(MIN_FACTOR, SAFETY_MARGIN * reported / estimate))
     if observed >= current:
         return observed
     return current + (observed - current) * DECAY

@@ -1,18 +1,33 @@
-"""Choosing the forwarded window: pure functions, no I/O.
+"""Choosing the forwarded window: every trimming decision, in pure functions, no I/O.
 
-The array sent upstream is: the pinned system prompt, then the newest whole turns of history that
-fit the token budget, then the new message(s). A turn starts at a user message, so dropping whole
-turns oldest-first never leaves an orphan assistant or tool message at the front and never
+The array sent upstream is: the pinned system prompt (and a summary, when one is forwarded), then
+whole turns of stored history, then the new message(s). A turn starts at a user message, so
+cutting at turn boundaries never leaves an orphan assistant or tool message at the front and never
 separates an assistant's `tool_calls` from their results.
+
+Cache-stable windows: a conversation keeps a window start (the seq the forwarded history begins
+at). A turn keeps it while everything still fits the budget, so the forwarded prefix is the same
+bytes as the previous turn's and the provider's prompt cache hits. When it no longer fits, the
+start jumps forward to a turn boundary, far enough that the prefix and the kept history use at
+most `low_water` of the budget, and stays there until the next overflow. With `low_water` 1 this
+is the plain sliding window (the newest turns that fit).
+
+The store only reads: it returns the suffix of the log from the window start, stopping once the
+suffix's estimates pass `fetch_limit` (budget x `fetch_scale`), and each stored message carries
+its own estimate. Everything else is decided here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from service.models import Message, Role
-from service.tokens import ARRAY_OVERHEAD, corrected
+from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, corrected
+
+# Over-fetch the window, so a correction that dropped since our last look still fills it.
+FETCH_MARGIN = 0.8
 
 
 class BudgetExceeded(Exception):
@@ -26,9 +41,29 @@ class BudgetExceeded(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    history: list[Message]  # forwarded history, oldest first
+    history: list[Message]  # forwarded stored history, oldest first
     estimated_tokens: int  # the whole forwarded array, in the gateway's units
     dropped_messages: int  # stored messages not forwarded
+    start: int  # the window start after this turn: the seq the next turn's history begins at
+    previous_start: int  # the start this turn found
+    jumped: bool  # the start moved this turn: the messages from previous_start to start - 1 left
+
+    @property
+    def jump_dropped(self) -> range:
+        """The seqs this turn's jump left out (empty when the start was kept)."""
+        return range(self.previous_start, self.start) if self.jumped else range(0)
+
+
+def fetch_scale(factor: float) -> float:
+    """Estimate units the store reads per budget token: the budget in estimate units, with a
+    margin for a correction that sank since it was last read."""
+    return 1 / (FETCH_MARGIN * max(MIN_FACTOR, factor))
+
+
+def continues_turn(new_messages: Sequence[Mapping[str, Any]]) -> bool:
+    """New messages that do not start with a user message (tool results, say) continue the
+    newest stored turn, which is then pinned with them."""
+    return bool(new_messages) and new_messages[0].get("role") != Role.USER.value
 
 
 def split_turns(history: Sequence[Message]) -> tuple[list[Message], list[list[Message]]]:
@@ -45,6 +80,10 @@ def split_turns(history: Sequence[Message]) -> tuple[list[Message], list[list[Me
     return lead, turns
 
 
+def _cost(messages: Sequence[Message]) -> int:
+    return sum(m.tokens for m in messages)
+
+
 def choose_window(
     *,
     history: Sequence[Message],
@@ -54,38 +93,89 @@ def choose_window(
     continues_turn: bool,
     budget: int,
     factor: float,
+    summary_tokens: int = 0,
+    start: int = 1,
+    low_water: float = 1.0,
 ) -> Window:
-    """Pick the newest whole turns of `history` (a suffix of the stored log) that fit `budget`.
+    """The forwarded history, from `history` (the suffix of the stored log from the window start
+    `start`, possibly cut short by the fetch limit).
 
-    `continues_turn` is true when the new messages do not start with a user message (tool results,
-    say): the newest stored turn is then part of the current one and is pinned with them.
+    `system_tokens` counts everything pinned before the history besides a summary (the system
+    prompt, tool definitions); `summary_tokens` the summary message forwarded, if any.
     Raises BudgetExceeded when the pinned part alone is over budget.
     """
+    if not 1 <= start <= stored_count + 1:
+        start = 1  # the log was cut back (or the start never set): begin again
+    history = [m for m in history if m.seq >= start]
+    reached = not history or history[0].seq <= start  # the fetch read back to the start
     lead, turns = split_turns(history)
+    prefix = ARRAY_OVERHEAD + system_tokens + summary_tokens
     pinned: list[Message] = []
     if continues_turn:
         if turns:
             pinned = turns.pop()
-        elif len(history) < stored_count:
+        elif not reached:
             # The open turn began before the fetched suffix, which already spans the budget.
-            needed = ARRAY_OVERHEAD + system_tokens + new_tokens + sum(m.tokens for m in history)
+            needed = prefix + new_tokens + _cost(history)
             raise BudgetExceeded(corrected(needed, factor), budget)
         else:
-            pinned = lead  # the whole stored history is one open turn without a user message
-    fixed = ARRAY_OVERHEAD + system_tokens + new_tokens + sum(m.tokens for m in pinned)
+            pinned, lead = lead, []  # the whole history is one open turn without a user message
+    fixed = prefix + new_tokens + _cost(pinned)
     if corrected(fixed, factor) > budget:
         raise BudgetExceeded(corrected(fixed, factor), budget)
-    used = fixed
-    kept: list[list[Message]] = []
-    for turn in reversed(turns):
-        cost = sum(m.tokens for m in turn)
-        if corrected(used + cost, factor) > budget:
-            break
-        used += cost
-        kept.append(turn)
-    forwarded = [m for turn in reversed(kept) for m in turn] + pinned
+    # Leading messages before any user message would be orphans at the front: never forwarded.
+    everything = fixed + sum(_cost(turn) for turn in turns)
+    if reached and corrected(everything, factor) <= budget:
+        forwarded = [m for turn in turns for m in turn] + pinned  # the start is kept
+        used = everything
+    else:
+        # Jump: the newest whole turns within the low-water share (without the new messages),
+        # and within the budget with them.
+        water = low_water * budget
+        kept_cost = prefix + _cost(pinned)
+        used = fixed
+        kept: list[list[Message]] = []
+        for turn in reversed(turns):
+            cost = _cost(turn)
+            if (
+                corrected(kept_cost + cost, factor) > water
+                or corrected(used + cost, factor) > budget
+            ):
+                break
+            kept_cost += cost
+            used += cost
+            kept.append(turn)
+        forwarded = [m for turn in reversed(kept) for m in turn] + pinned
+    new_start = forwarded[0].seq if forwarded else stored_count + 1
     return Window(
-        history=forwarded,
+        history=list(forwarded),
         estimated_tokens=corrected(used, factor),
         dropped_messages=stored_count - len(forwarded),
+        start=new_start,
+        previous_start=start,
+        jumped=new_start != start,
     )
+
+
+def jump_start(
+    history: Sequence[Message],
+    *,
+    prefix_tokens: int,
+    budget: int,
+    factor: float,
+    low_water: float,
+) -> int:
+    """Where the next jump would cut `history` (the stored history a window forwards, its newest
+    turn included): the seq of the oldest turn boundary from which the prefix (`prefix_tokens`:
+    system prompt, summary, tools) and the history use at most `low_water` of the budget. The cut
+    a rolling summary can prepare ahead of the jump; the next message sent may move it further
+    only if it is larger than what the low-water share leaves free."""
+    _, turns = split_turns(history)
+    used = ARRAY_OVERHEAD + prefix_tokens
+    cut = history[-1].seq + 1 if history else 1
+    for turn in reversed(turns):
+        used += _cost(turn)
+        if corrected(used, factor) > low_water * budget:
+            break
+        cut = turn[0].seq
+    return cut

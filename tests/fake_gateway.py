@@ -22,15 +22,25 @@ from aiohttp import web
 from service.summary_plan import NEW_MESSAGES_HEADER, PREVIOUS_HEADER, SUMMARY_INSTRUCTIONS
 
 
-def gateway_tokens(messages: list[dict[str, Any]], tools: list[Any] | None = None) -> int:
+def _text_tokens(text: str, punctuation: bool) -> int:
+    if not punctuation:
+        return len(text) // 3
+    # As tokenizers count runs of punctuation: about one token per symbol.
+    symbols = sum(1 for c in text if not (c.isalnum() or c.isspace()))
+    return (len(text) - symbols) // 3 + symbols
+
+
+def gateway_tokens(
+    messages: list[dict[str, Any]], tools: list[Any] | None = None, *, punctuation: bool = False
+) -> int:
     """The stand-in's own count: deliberately not the service's estimate. Tool definitions count,
-    as every real gateway counts them."""
+    as every real gateway counts them. With `punctuation`, each symbol is a token of its own."""
     total = len(orjson.dumps(tools)) // 3 if tools else 0
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
             content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        total += 7 + len(content or "") // 3
+        total += 7 + _text_tokens(content or "", punctuation)
         if message.get("tool_calls"):
             total += len(orjson.dumps(message["tool_calls"])) // 3
     return total
@@ -52,6 +62,14 @@ class FakeGateway:
     tool_calls: list[dict[str, Any]] | None = None  # answer with these instead of text
     old_tool_calls_shape: bool = False  # put tool_calls at choices[0] (older spec)
     prompt_tokens_naming: bool = False  # usage as prompt_tokens / completion_tokens
+    # Usage as a caching provider reports it: "anthropic" (input_tokens is the uncached part
+    # only, beside cache_read_input_tokens / cache_creation_input_tokens) or "openai"
+    # (prompt_tokens is all of it, prompt_tokens_details.cached_tokens inside it); the prompt's
+    # first `cached_share` is a cache read, the next `written_share` a cache write.
+    usage_shape: str = "plain"
+    cached_share: float = 0.0
+    written_share: float = 0.0
+    punctuation_tokens: bool = False  # count each symbol as a token (see gateway_tokens)
     ignore_stream: bool = False  # answer JSON even when asked to stream
     chunk_size: int = 4  # characters per streamed delta
     stream_gate: asyncio.Event | None = None  # streaming pauses after the first chunk until set
@@ -175,14 +193,11 @@ class FakeGateway:
                 choice["tool_calls"] = self.tool_calls
             else:
                 message["tool_calls"] = self.tool_calls
-        input_tokens = gateway_tokens(body["messages"], body.get("tools"))
-        output_tokens = len(message["content"] or "") // 3 + 1
-        usage = (
-            {"prompt_tokens": input_tokens, "completion_tokens": output_tokens}
-            if self.prompt_tokens_naming
-            else {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        input_tokens = gateway_tokens(
+            body["messages"], body.get("tools"), punctuation=self.punctuation_tokens
         )
-        usage["total_tokens"] = input_tokens + output_tokens
+        output_tokens = len(message["content"] or "") // 3 + 1
+        usage = self.usage(input_tokens, output_tokens)
         return {
             "request_id": str(uuid.uuid4()),
             "choices": [choice],
@@ -190,6 +205,27 @@ class FakeGateway:
             "usage": usage,
             "model": body["model"],
         }
+
+    def usage(self, prompt: int, output: int) -> dict[str, Any]:
+        """`prompt` tokens in, `output` out, in this stand-in's usage shape."""
+        read = int(prompt * self.cached_share)
+        written = int(prompt * self.written_share)
+        usage: dict[str, Any]
+        if self.usage_shape == "anthropic":
+            usage = {
+                "input_tokens": prompt - read - written,
+                "cache_read_input_tokens": read,
+                "cache_creation_input_tokens": written,
+                "output_tokens": output,
+            }
+        elif self.usage_shape == "openai" or self.prompt_tokens_naming:
+            usage = {"prompt_tokens": prompt, "completion_tokens": output}
+            if self.usage_shape == "openai":
+                usage["prompt_tokens_details"] = {"cached_tokens": read}
+        else:
+            usage = {"input_tokens": prompt, "output_tokens": output}
+        usage["total_tokens"] = prompt + output
+        return usage
 
     async def _framed(self, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """The events in this stand-in's SSE dialect; each arrives as `data: ...\n\n`."""

@@ -17,6 +17,7 @@ from service import limits
 from service.middleware import cors_headers
 from service.models import Message, Role
 from service.store import ConversationRef, ConversationStore
+from service.usage import Usage
 from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
@@ -157,8 +158,7 @@ async def test_commit_script_takes_thousands_of_messages(redis: Redis) -> None:
         expected_length=0,
         messages=messages,
         meta_updates={},
-        input_tokens=1,
-        output_tokens=1,
+        usage=Usage(1, 0, 0, 1),
         record=None,
         model="m",
         factor=None,
@@ -337,8 +337,7 @@ async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(redis: Re
         expected_length=0,
         messages=[message],
         meta_updates={},
-        input_tokens=1,
-        output_tokens=1,
+        usage=Usage(1, 0, 0, 1),
         record=None,
         model="m",
         factor=None,

@@ -110,6 +110,40 @@ async def test_chat_page_streams_reloads_and_shows_a_refusal(
     assert off.status_code == 404  # DEMO_PAGE is off by default
 
 
+async def test_the_page_picks_up_an_answer_after_a_reload_mid_answer(
+    page_and_api: tuple[Replica, Replica],
+    browser: Browser,
+    gateway_control: GatewayControl,
+) -> None:
+    """Turns from the page are detached (issue 16): reloading mid-answer loses nothing."""
+    page_server, api = page_and_api
+    token = jwt.encode(claims(conv="user-1:*"), SECRET, algorithm="HS256")
+    address = f"{page_server.url}/demo?api={api.url}&conv=user-1:reload#token={token}"
+    await gateway_control.configure(stream_gate=True)  # the stream halts after its first chunk
+    page = await browser.new_page()
+    await page.goto(address)
+    await expect(page.locator("#meter")).to_have_text("A new conversation.")
+    await page.fill("#input", "are you still there")
+    await page.click("#send")
+    reply = page.locator("#log li.assistant")
+    await expect(reply).to_have_text("repl")
+
+    await page.reload()  # mid-answer: the connection that carried it is gone
+    await expect(page.locator("#log li")).to_have_text(["are you still there", "repl"])
+    await expect(reply).to_have_attribute("data-state", "streaming")
+    await gateway_control.release()
+    await expect(reply).to_have_text("reply to: are you still there")
+    await expect(reply).to_have_attribute("data-state", "done")
+    await expect(page.locator("#meter")).to_contain_text("2 messages stored")
+    assert len(await gateway_control.received()) == 1
+
+    await page.reload()  # once it ended, the history has it, and nothing is read again
+    await expect(page.locator("#log li")).to_have_text(
+        ["are you still there", "reply to: are you still there"]
+    )
+    await expect(page.locator("#meter")).to_contain_text("2 messages stored")
+
+
 def test_make_demo_prints_a_working_url(redis_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "API_KEYS"))}
     with subprocess.Popen(

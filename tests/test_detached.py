@@ -13,6 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from service.config import Settings
+from service.store import ConversationRef
+from service.turn_journal import TurnJournal
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
 from tests.test_streaming import content_of, events_of, serving
@@ -303,3 +305,23 @@ async def test_a_stopping_replica_cancels_what_it_still_runs(
     assert await redis.get(f"{CONV}:turn:{turn}:state") == b"cancelled"
     assert await redis.llen(f"{CONV}:log") == 0
     assert not await redis.exists(f"{CONV}:lock")
+
+
+async def test_a_turn_whose_replica_went_away_is_told_lost_and_cannot_be_cancelled(
+    settings: Settings, gateway: FakeGateway, redis: Redis
+) -> None:
+    """What a replica that died mid-turn leaves (written here through TurnJournal, on the same
+    Redis): the turn is running, one event is out, its `alive` key is expiring."""
+    journal = TurnJournal(redis, ttl_seconds=60, max_events=100, turn_seconds=10)
+    ref = ConversationRef("acme", "d")
+    turn = "00000000000000aa"
+    await journal.begin(ref, turn, idem="", fingerprint="", lease_ms=1500)
+    await journal.append(ref, turn, 1, b'data: {"choices": []}\n\n')
+    async with serving(settings, gateway, lock_wait_seconds=0.05) as live:
+        # Nobody runs the turn to see the cancel: after LOCK_WAIT_SECONDS it is still running.
+        asked = await live.post("/conversations/d/cancel")
+        assert asked.json() == {"id": turn, "state": "running", "detached": True}
+        told = await live.get("/conversations/d/stream", params={"after": "1"})
+        problem = orjson.loads(events_of(told.text)[-1][1])["error"]
+        assert problem["type"] == "/problems/turn-lost"
+        assert (await live.post("/conversations/d/cancel")).status_code == 409

@@ -395,3 +395,21 @@ async def test_a_failed_index_write_on_a_cluster_does_not_fail_the_turn(
         assert await client.llen(ConversationRef("acme", "ix").key("log")) == 2
     finally:
         await client.aclose()
+
+
+async def test_a_detached_turn_is_journaled_and_replayed(
+    topo_client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    """Streams, blocking reads and the journal's script run on a Cluster and behind Sentinel."""
+    body = {**user("far away"), "stream": True, "detach": True}
+    first = await topo_client.post("/conversations/away/messages", json=body)
+    assert first.status_code == 200, first.text
+    assert first.text.startswith("id: ")
+    assert first.text.endswith("data: [DONE]\n\n")
+    again = await topo_client.get("/conversations/away/stream")
+    assert again.content == first.content
+    status = (await topo_client.get("/conversations/away")).json()
+    assert status["turn"]["state"] == "done"
+    assert status["message_count"] == 2
+    assert (await topo_client.post("/conversations/away/cancel")).status_code == 409
+    assert gateway.calls == 1

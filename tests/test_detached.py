@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,8 +14,10 @@ import pytest
 from redis.asyncio import Redis
 
 from service.config import Settings
+from service.embedded_redis import EmbeddedRedis
 from service.store import ConversationRef
 from service.turn_journal import TurnJournal
+from tests.conftest import free_port, make_settings
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
 from tests.test_streaming import content_of, events_of, serving
@@ -325,3 +328,42 @@ async def test_a_turn_whose_replica_went_away_is_told_lost_and_cannot_be_cancell
         problem = orjson.loads(events_of(told.text)[-1][1])["error"]
         assert problem["type"] == "/problems/turn-lost"
         assert (await live.post("/conversations/d/cancel")).status_code == 409
+
+
+async def test_redis_lost_mid_turn_ends_the_stream_with_503_and_stores_nothing(
+    gateway: FakeGateway, tmp_path: Path
+) -> None:
+    """Redis goes away while a detached turn runs (SIGTERM, its AOF flushed) and comes back."""
+    server = EmbeddedRedis(tmp_path, port=free_port())
+    url = server.start()
+    try:
+        gateway.stream_gate = asyncio.Event()
+        async with serving(make_settings(url), gateway) as live:
+            await live.put("/conversations/d", json={})
+            async with live.stream(
+                "POST", "/conversations/d/messages", json=detached()
+            ) as response:
+                reader = Reader(response)
+                await reader.events(1)
+                server.stop()
+                gateway.stream_gate.set()
+                ended = await reader.rest()
+            name, data = events_of(ended.decode())[-1]
+            assert name == "error"
+            assert orjson.loads(data)["error"]["status"] == 503
+            server.start()
+            # Once the dead turn's lease expired, the conversation is as before the turn.
+            client = Redis.from_url(url)
+            try:
+
+                async def lease_gone() -> bool:
+                    return not await client.exists(f"{CONV}:lock")
+
+                await eventually(lease_gone, what="the lease to expire")
+                assert await client.llen(f"{CONV}:log") == 0
+            finally:
+                await client.aclose()
+            status = (await live.get("/conversations/d")).json()
+            assert status["message_count"] == 0
+    finally:
+        server.stop()

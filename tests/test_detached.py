@@ -183,6 +183,9 @@ async def test_cancel_stops_the_turn_and_stores_nothing(
     assert (await live.get("/conversations/d/messages")).status_code == 404
     assert not await redis.exists(f"{CONV}:lock")
     assert (await state_of(live, "d")) is None  # no conversation: nothing was stored
+    exposed = (await live.get("/metrics")).text
+    assert 'convproxy_detached_turns_total{outcome="cancelled"}' in exposed
+    assert "convproxy_detached_readers 0.0" in exposed
     # The conversation is free at once: the next turn needs no wait for a lease to expire.
     gateway.stream_gate = None
     again = await live.post(

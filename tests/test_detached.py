@@ -222,10 +222,17 @@ async def test_a_retry_with_the_same_idempotency_key_attaches_to_the_running_tur
     assert content_of(events_of(retried.decode())) == f"reply to: {QUESTION}"
     assert blocks(retried)[1:] == blocks(original)
     assert len(gateway.received) == 1
-    # Once it ended, the same key replays it as any idempotent turn.
+    # Once it ended, the same key replays it as any idempotent turn, in the form asked for.
     replay = await live.post("/conversations/d/messages", json=detached(), headers=headers)
     assert replay.headers["idempotent-replayed"] == "true"
     assert content_of(events_of(replay.text)) == f"reply to: {QUESTION}"
+    plain = await live.post(
+        "/conversations/d/messages",
+        json={"message": {"role": "user", "content": QUESTION}},
+        headers=headers,
+    )
+    assert plain.headers["idempotent-replayed"] == "true"
+    assert plain.json()["choices"][0]["message"]["content"] == f"reply to: {QUESTION}"
     assert len(gateway.received) == 1
 
 

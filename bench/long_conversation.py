@@ -1,13 +1,13 @@
 """The long conversation: rolling summaries against plain sliding trimming (issue 15.2).
 
 A scripted 300-turn conversation (user and assistant messages of about 80 tokens, budget 4,000,
-a Claude model name) goes to the service twice: with SUMMARY=on and, as the same run's
-reference, with summaries off (plain sliding trimming). The upstream is a stand-in that caches
-prompts the way automatic prefix caching does (OpenAI's rules: the longest prefix of whole
-messages that an earlier request within 5 minutes began with, in steps of 128 tokens, from
-1,024 tokens) and reports `prompt_tokens_details.cached_tokens`; it counts tokens with the
-service's own estimate, so the per-model correction stays at 1. Summary calls get a summary of
-about 200 tokens after the same delay as turns.
+a Claude model name) goes to the service three times: with SUMMARY=on, with summaries off, and,
+as the same run's reference, with plain sliding trimming (TRIM_LOW_WATER=1). The upstream is a
+stand-in that caches prompts the way automatic prefix caching does (OpenAI's rules: the longest
+prefix of whole messages that an earlier request within 5 minutes began with, in steps of 128
+tokens, from 1,024 tokens; cache breakpoints are not part of the prefix) and reports
+`prompt_tokens_details.cached_tokens`; it counts tokens with the service's own estimate. Summary
+calls get a summary of about 200 tokens after the same delay as turns.
 
 Figures: the share of the window's moves whose summary landed in the same turn (`summary_lag` 0),
 the share of input tokens served from cache, and the share of turns that forward the previous
@@ -174,7 +174,16 @@ def converse(port: int, conversation: str, turns: int = TURNS) -> Figures:
     return figures
 
 
-def _service(workdir: Path, redis_port: int, upstream_port: int, summary: str) -> tuple[Proc, int]:
+# The runs: summaries on; off (the window alone); and plain sliding trimming (a window that keeps
+# the newest turns that fit: low water 1), the reference every figure is set against.
+RUNS: dict[str, dict[str, str]] = {
+    "on": {"SUMMARY": "on"},
+    "off": {"SUMMARY": "off"},
+    "sliding": {"SUMMARY": "off", "TRIM_LOW_WATER": "1"},
+}
+
+
+def _service(workdir: Path, redis_port: int, upstream_port: int, name: str) -> tuple[Proc, int]:
     port = free_port()
     env = {
         **os.environ,
@@ -188,32 +197,32 @@ def _service(workdir: Path, redis_port: int, upstream_port: int, summary: str) -
         "LOG_LEVEL": "warning",
         "DEFAULT_MODEL": MODEL,
         "TOKEN_BUDGET": str(BUDGET),
-        "SUMMARY": summary,
         "SUMMARY_MAX_TOKENS": "400",
+        **RUNS[name],
     }
     argv = pinned(SERVICE_CORE, [sys.executable, "-m", "service"])
-    proc = Proc(f"service-long-{summary}", argv, log_dir=workdir, env=env, cwd=ROOT)
+    proc = Proc(f"service-long-{name}", argv, log_dir=workdir, env=env, cwd=ROOT)
     wait_http(proc, port, "/readyz", timeout=30)
     return proc, port
 
 
 def measure(workdir: Path, redis_port: int, turns: int = TURNS) -> dict[str, Figures]:
-    """Both runs, each on a fresh service and stand-in: summaries on, then plain trimming."""
+    """Each of RUNS on a fresh service and stand-in."""
     results: dict[str, Figures] = {}
-    for summary in ("on", "off"):
+    for name in RUNS:
         upstream_port = free_port()
         argv = [sys.executable, "-m", "bench.long_conversation", "serve", str(upstream_port)]
         upstream = Proc(
-            f"cache-upstream-{summary}",
+            f"cache-upstream-{name}",
             pinned(LOAD_CORE, [*argv, str(DELAY_SECONDS)]),
             log_dir=workdir,
             cwd=ROOT,
         )
         try:
             wait_http(upstream, upstream_port, "/health", timeout=20)
-            service, port = _service(workdir, redis_port, upstream_port, summary)
+            service, port = _service(workdir, redis_port, upstream_port, name)
             try:
-                results[summary] = converse(port, f"long-{summary}", turns)
+                results[name] = converse(port, f"long-{name}", turns)
             finally:
                 service.stop()
         finally:

@@ -865,8 +865,9 @@ async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
     from service.store import ConversationStore
     from tests.test_turns import CountingConnection
 
-    await fill(client, 6)  # 12 messages
-    await client.put(f"/conversations/{REF.id}", json={"token_budget": 200})
+    for i in range(6):  # 12 messages of about 55 estimated tokens each
+        await client.post(f"/conversations/{REF.id}/messages", json=user(f"{i} " + "x" * 200))
+    await client.put(f"/conversations/{REF.id}", json={"token_budget": 500})
     async with summarizer(redis, gateway) as service:  # on its own, uncounted, connections
         assert await run(service, 8) == "stored"  # `next`, through 8
         pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
@@ -887,14 +888,14 @@ async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
                     retry_after_cap_seconds=1,
                 ),
                 TurnPolicy(
-                    default_model="m", token_budget=120, lock_wait_seconds=1, lease_seconds=10
+                    default_model="m", token_budget=500, lock_wait_seconds=1, lease_seconds=10
                 ),
                 summaries=service,
             )
             CountingConnection.writes = 0
             result = await chat.turn(
                 REF,
-                TurnCreate.model_validate(user("q-next " * 38)),
+                TurnCreate.model_validate(user("next")),
                 caller=Caller(tenant="acme", upstream_key=None),
                 request_id="r",
                 idempotency_key=None,
@@ -902,7 +903,7 @@ async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
             writes = CountingConnection.writes
         await counted.aclose()
     context = orjson.loads(result.body)["conversation"]["context"]
-    assert context["summary"] == {"version": 1, "covers_through": 8}  # moved with it...
+    assert context["summary"] == {"version": 1, "covers_through": 8}, context  # moved with it...
     assert context["summary_lag"] == 0
     assert writes == 2  # ...and the turn still took two round trips, the promotion included
     assert (await meta(redis))["summary_version"] == "1"

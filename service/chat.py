@@ -124,8 +124,9 @@ class Plan:
 
 
 def fingerprint(turn: TurnCreate) -> str:
-    """The request body, canonical, without `stream`: a replay may ask for either form."""
-    body = turn.model_dump(mode="json", exclude={"stream"}, exclude_unset=True)
+    """The request body, canonical, without `stream` and `detach`: how the answer is delivered,
+    so a replay may ask for either form."""
+    body = turn.model_dump(mode="json", exclude={"stream", "detach"}, exclude_unset=True)
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from service import metrics
 from service.auth import Caller
 from service.chat import ChatService, fingerprint
 from service.errors import IdempotencyKeyReused, ServiceError
@@ -191,6 +192,7 @@ class DetachedTurns:
         """The turn's events after the `after`-th, live until its last one, each with its id.
         Pings (comments, no id) while it is silent."""
         last = after
+        metrics.DETACHED_READERS.inc()
         try:
             while True:
                 entries = await self._journal.read(
@@ -225,6 +227,8 @@ class DetachedTurns:
                         return
         except ServiceError as exc:  # Redis went away: headers are sent, say it in the stream
             yield _error_event(exc)
+        finally:
+            metrics.DETACHED_READERS.dec()
 
     # ---- the replica running the turn ---------------------------------------------------------
 
@@ -241,7 +245,7 @@ class DetachedTurns:
         """Run the turn to its end, appending its events to the journal. Appends are shielded:
         a cancel lands between events, where ChatService stores nothing unless it committed."""
         n = 0
-        ended = False
+        ended = unjournaled = False
         with running.scope:
             watcher = asyncio.create_task(self._watch(ref, turn_id, running))
             try:
@@ -268,12 +272,17 @@ class DetachedTurns:
                             else:
                                 await self._journal.finish(ref, turn_id, n, piece, final)
                                 ended = True
+                                metrics.DETACHED_TURNS.labels(final).inc()
             except ServiceError:
                 log.warning("detached turn could not be journaled", extra={"turn_id": turn_id})
+                metrics.DETACHED_TURNS.labels("unjournaled").inc()
+                unjournaled = True
             finally:
                 watcher.cancel()
                 self._running.pop(turn_id, None)
         if not ended:
+            if not unjournaled:
+                metrics.DETACHED_TURNS.labels("cancelled").inc()
             reason = running.reason or "the turn stopped before its end"
             with contextlib.suppress(ServiceError):
                 await self._journal.finish(

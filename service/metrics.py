@@ -74,6 +74,9 @@ LOCK_WAIT = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 TURNS = Counter("convproxy_turns_total", "Turns by outcome", ["outcome"])
+# Detached turns (issue 16), by how they ended: done, failed, cancelled, unjournaled.
+DETACHED_TURNS = Counter("convproxy_detached_turns_total", "Detached turns ended", ["outcome"])
+DETACHED_READERS = Gauge("convproxy_detached_readers", "Clients following a detached turn")
 IN_FLIGHT = Gauge("convproxy_requests_in_flight", "Requests being served")
 UNREADABLE_RECORDS = Counter(
     "convproxy_unreadable_records_total", "Stored messages that did not read back and were skipped"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,8 +14,10 @@ import pytest
 from redis.asyncio import Redis
 
 from service.config import Settings
+from service.embedded_redis import EmbeddedRedis
 from service.store import ConversationRef
 from service.turn_journal import TurnJournal
+from tests.conftest import free_port, make_settings
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
 from tests.test_streaming import content_of, events_of, serving
@@ -180,6 +183,9 @@ async def test_cancel_stops_the_turn_and_stores_nothing(
     assert (await live.get("/conversations/d/messages")).status_code == 404
     assert not await redis.exists(f"{CONV}:lock")
     assert (await state_of(live, "d")) is None  # no conversation: nothing was stored
+    exposed = (await live.get("/metrics")).text
+    assert 'convproxy_detached_turns_total{outcome="cancelled"}' in exposed
+    assert "convproxy_detached_readers 0.0" in exposed
     # The conversation is free at once: the next turn needs no wait for a lease to expire.
     gateway.stream_gate = None
     again = await live.post(
@@ -216,10 +222,17 @@ async def test_a_retry_with_the_same_idempotency_key_attaches_to_the_running_tur
     assert content_of(events_of(retried.decode())) == f"reply to: {QUESTION}"
     assert blocks(retried)[1:] == blocks(original)
     assert len(gateway.received) == 1
-    # Once it ended, the same key replays it as any idempotent turn.
+    # Once it ended, the same key replays it as any idempotent turn, in the form asked for.
     replay = await live.post("/conversations/d/messages", json=detached(), headers=headers)
     assert replay.headers["idempotent-replayed"] == "true"
     assert content_of(events_of(replay.text)) == f"reply to: {QUESTION}"
+    plain = await live.post(
+        "/conversations/d/messages",
+        json={"message": {"role": "user", "content": QUESTION}},
+        headers=headers,
+    )
+    assert plain.headers["idempotent-replayed"] == "true"
+    assert plain.json()["choices"][0]["message"]["content"] == f"reply to: {QUESTION}"
     assert len(gateway.received) == 1
 
 
@@ -325,3 +338,42 @@ async def test_a_turn_whose_replica_went_away_is_told_lost_and_cannot_be_cancell
         problem = orjson.loads(events_of(told.text)[-1][1])["error"]
         assert problem["type"] == "/problems/turn-lost"
         assert (await live.post("/conversations/d/cancel")).status_code == 409
+
+
+async def test_redis_lost_mid_turn_ends_the_stream_with_503_and_stores_nothing(
+    gateway: FakeGateway, tmp_path: Path
+) -> None:
+    """Redis goes away while a detached turn runs (SIGTERM, its AOF flushed) and comes back."""
+    server = EmbeddedRedis(tmp_path, port=free_port())
+    url = server.start()
+    try:
+        gateway.stream_gate = asyncio.Event()
+        async with serving(make_settings(url), gateway) as live:
+            await live.put("/conversations/d", json={})
+            async with live.stream(
+                "POST", "/conversations/d/messages", json=detached()
+            ) as response:
+                reader = Reader(response)
+                await reader.events(1)
+                server.stop()
+                gateway.stream_gate.set()
+                ended = await reader.rest()
+            name, data = events_of(ended.decode())[-1]
+            assert name == "error"
+            assert orjson.loads(data)["error"]["status"] == 503
+            server.start()
+            # Once the dead turn's lease expired, the conversation is as before the turn.
+            client = Redis.from_url(url)
+            try:
+
+                async def lease_gone() -> bool:
+                    return not await client.exists(f"{CONV}:lock")
+
+                await eventually(lease_gone, what="the lease to expire")
+                assert await client.llen(f"{CONV}:log") == 0
+            finally:
+                await client.aclose()
+            status = (await live.get("/conversations/d")).json()
+            assert status["message_count"] == 0
+    finally:
+        server.stop()

@@ -13,16 +13,18 @@ import aiohttp
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import demo, detached_routes, end_user_routes, routes
+from service import demo, detached_routes, editing_routes, end_user_routes, routes
 from service.auth import Authenticator
 from service.catalog import ModelCatalog
 from service.chat import ChatService, TurnPolicy
 from service.config import Settings, get_settings
 from service.detached import DetachedPolicy, DetachedTurns
+from service.editing import EditingService, EditPolicy
 from service.embedded_redis import EmbeddedRedis
 from service.end_user_auth import EndUserTokens
 from service.errors import install_error_handlers
 from service.gateway import GatewayClient
+from service.log_edits import LogEditStore
 from service.middleware import CORS_EXPOSED, RequestMiddleware
 from service.openapi import install_openapi
 from service.rate_limits import RateLimiter
@@ -47,6 +49,8 @@ class State(TypedDict):
     store: ConversationStore
     chat: ChatService
     detached: DetachedTurns
+    edits: LogEditStore
+    editing: EditingService
     authenticator: Authenticator
     end_user_tokens: EndUserTokens
     limiter: RateLimiter
@@ -123,6 +127,13 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 index_ttl_seconds=cfg.max_conversation_ttl_seconds,
                 pool_size=cfg.redis_pool_size,
                 pool_timeout_seconds=cfg.redis_pool_timeout_seconds,
+            )
+            edits = LogEditStore(
+                store,
+                cluster=cluster,
+                conversation_ttl_seconds=cfg.conversation_ttl_seconds,
+                idempotency_ttl_seconds=cfg.idempotency_ttl_seconds,
+                index_ttl_seconds=cfg.max_conversation_ttl_seconds,
             )
             tenant_rates, end_user_rates = cfg.rate_tables()
             limiter = RateLimiter(store, tenants=tenant_rates, end_users=end_user_rates)
@@ -203,6 +214,10 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 "store": store,
                 "chat": chat,
                 "detached": detached,
+                "edits": edits,
+                "editing": EditingService(
+                    edits, EditPolicy(lock_wait_seconds=cfg.lock_wait_seconds)
+                ),
                 "authenticator": Authenticator(client_keys, end_user_tokens),
                 "end_user_tokens": end_user_tokens,
                 "limiter": limiter,
@@ -220,11 +235,13 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
     )
     app.include_router(routes.router)
     app.include_router(detached_routes.router)
+    app.include_router(editing_routes.router)
     app.include_router(end_user_routes.router)
     app.include_router(routes.ops)
     own_routes = [
         *routes.router.routes,
         *detached_routes.router.routes,
+        *editing_routes.router.routes,
         *end_user_routes.router.routes,
         *routes.ops.routes,
     ]

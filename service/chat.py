@@ -21,10 +21,14 @@ from service.cache_breakpoints import needs_breakpoints, place_breakpoints
 from service.catalog import ModelCatalog, catalog_budget
 from service.errors import (
     ConversationBusy,
+    ConversationNotFound,
     GatewayError,
     IdempotencyKeyReused,
     IdempotentRequestInFlight,
+    InvalidRequest,
+    NothingToRegenerate,
     OverTokenBudget,
+    SeqBeyondLog,
     ServiceError,
 )
 from service.gateway import (
@@ -38,13 +42,14 @@ from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
 from service.models import ConversationMeta, JSONObject, Message, Role
 from service.relay import relay_upstream
-from service.schemas import TurnCreate
+from service.schemas import RegenerateCreate, TurnCreate, TurnParams
 from service.store import (
     ConversationRef,
     ConversationStore,
     Idempotency,
     IdempotentRecord,
     Mismatch,
+    Refused,
     Replay,
     Started,
     Waiting,
@@ -87,7 +92,7 @@ class _Turn:
     ref: ConversationRef
     lock_value: str
     started: Started
-    request: TurnCreate
+    request: TurnParams
     idempotency: Idempotency | None
     model: str
     budget: int
@@ -101,6 +106,10 @@ class _Turn:
     first_seq: int  # the first stored message forwarded (or the first new one)
     upstream_key: str | None  # the caller's gateway key (pass-through), for the summary job
     request_id: str
+    # A regenerate or an edit: the seq the log is rewritten from, and (regenerate) the stored
+    # user message answered again, which stays where it is.
+    rewrite_from: int | None = None
+    carried: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +132,7 @@ class Plan:
     raw_estimate: int  # the forwarded array, in local estimate units
 
 
-def fingerprint(turn: TurnCreate) -> str:
+def fingerprint(turn: TurnParams) -> str:
     """The request body, canonical, without `stream` and `detach`: how the answer is delivered,
     so a replay may ask for either form."""
     body = turn.model_dump(mode="json", exclude={"stream", "detach"}, exclude_unset=True)
@@ -149,7 +158,7 @@ class ChatService:
     async def turn(
         self,
         ref: ConversationRef,
-        request: TurnCreate,
+        request: TurnParams,
         *,
         caller: Caller,
         request_id: str,
@@ -177,7 +186,7 @@ class ChatService:
     async def stream(
         self,
         ref: ConversationRef,
-        request: TurnCreate,
+        request: TurnParams,
         *,
         caller: Caller,
         request_id: str,
@@ -255,7 +264,7 @@ class ChatService:
     async def _open(
         self,
         ref: ConversationRef,
-        request: TurnCreate,
+        request: TurnParams,
         idempotency_key: str | None,
         caller: Caller,
         request_id: str,
@@ -268,6 +277,8 @@ class ChatService:
                 fingerprint=fingerprint(request),
             )
         new_wire = [m.to_wire() for m in request.new_messages()]
+        replace_from = request.replace_from if isinstance(request, TurnCreate) else None
+        regenerate = isinstance(request, RegenerateCreate)
         lock_value = (
             f"{uuid.uuid4().hex}\n{idempotency.key_hash if idempotency else ''}\n"
             f"{idempotency.fingerprint if idempotency else ''}"
@@ -276,7 +287,7 @@ class ChatService:
         requested_model = request.model or self._policy.default_model
         scale = fetch_scale(self._store.cached_factor(ref.tenant, requested_model))
 
-        async def attempt() -> Started | Replay | Mismatch | Waiting:
+        async def attempt() -> Started | Replay | Mismatch | Refused | Waiting:
             return await self._store.begin_turn(
                 ref,
                 lock_value=lock_value,
@@ -285,13 +296,15 @@ class ChatService:
                 budget_scale=scale,
                 max_messages=MAX_WINDOW_MESSAGES,
                 idempotency=idempotency,
+                replace_from=replace_from,
+                regenerate=regenerate,
             )
 
         waited = time.monotonic()
         try:
             # mypy solves `Waiting | R` against a wider union as object; it never returns Waiting.
             begun = cast(
-                Started | Replay | Mismatch,
+                Started | Replay | Mismatch | Refused,
                 await wait_for_lease(attempt, wait_seconds=self._policy.lock_wait_seconds),
             )
         except (ConversationBusy, IdempotentRequestInFlight):
@@ -299,6 +312,8 @@ class ChatService:
             raise
         if isinstance(begun, Mismatch):
             raise IdempotencyKeyReused("this Idempotency-Key was used with another request body")
+        if isinstance(begun, Refused):
+            raise refusal(ref, begun, replace_from)
         if isinstance(begun, Replay):
             metrics.TURNS.labels("replayed").inc()
             return begun
@@ -307,18 +322,26 @@ class ChatService:
         deadline = asyncio.get_running_loop().time() + self._policy.turn_seconds
         renewal = Renewal(self._store, ref, lock_value, lease_ms=lease_ms, until=deadline)
         try:
-            return self._plan(
+            carried = (begun.again,) if begun.again is not None else ()
+            if regenerate and not carried:  # its record did not read back
+                raise NothingToRegenerate("the last user message cannot be read")
+            turn = self._plan(
                 ref,
                 request,
                 begun,
                 lock_value,
                 idempotency,
-                new_wire,
+                [m.to_wire() for m in carried] or new_wire,
                 renewal,
                 deadline,
                 upstream_key=caller.upstream_key,
                 request_id=request_id,
             )
+            if begun.stored is not None:
+                turn.rewrite_from = begun.length + 1 + len(carried)
+                turn.carried = carried
+                turn.new_messages = new_wire
+            return turn
         except BaseException:
             renewal.cancel()
             await self._store.release(ref, lock_value)
@@ -327,7 +350,7 @@ class ChatService:
     def _plan(
         self,
         ref: ConversationRef,
-        request: TurnCreate,
+        request: TurnParams,
         begun: Started,
         lock_value: str,
         idempotency: Idempotency | None,
@@ -373,7 +396,7 @@ class ChatService:
     def _forwarded(
         self,
         ref: ConversationRef,
-        request: TurnCreate,
+        request: TurnParams,
         begun: Started,
         new_wire: list[JSONObject],
     ) -> Plan:
@@ -467,7 +490,10 @@ class ChatService:
             default_budget=self._policy.token_budget,
             budget_scale=fetch_scale(self._store.cached_factor(ref.tenant, requested_model)),
             max_messages=MAX_WINDOW_MESSAGES,
+            replace_from=request.replace_from,
         )
+        if isinstance(begun, Refused):
+            raise refusal(ref, begun, request.replace_from)
         plan = self._forwarded(ref, request, begun, new_wire)
         window = plan.window
         return {
@@ -498,7 +524,7 @@ class ChatService:
     async def _commit(self, turn: _Turn, completion: JSONObject, reply: Reply) -> bytes:
         turn.renewal.cancel()
         now = time.time()
-        first_seq = turn.started.length + 1
+        first_seq = turn.started.length + 1 + len(turn.carried)
         wires = [*turn.new_messages, reply.message]
         records = [
             Message(
@@ -516,7 +542,7 @@ class ChatService:
         ]
         conversation = {
             "id": turn.ref.id,
-            "message_count": turn.started.length + len(records),
+            "message_count": first_seq - 1 + len(records),
             "context": {
                 "messages": len(turn.payload["messages"]),
                 "estimated_tokens": turn.window.estimated_tokens,
@@ -536,7 +562,9 @@ class ChatService:
             meta_updates["system"] = turn.request.system
         meta_updates.update(promotion(turn.summary))
         started_meta = turn.started.meta
-        if (started_meta.window_start if started_meta else None) != turn.window.start:
+        if (
+            started_meta.window_start if started_meta else None
+        ) != turn.window.start or turn.rewrite_from is not None:
             meta_updates["window_start"] = str(turn.window.start)
         factor = None
         if reply.usage.prompt > 0:  # the prompt's full size: cached parts count too
@@ -548,13 +576,16 @@ class ChatService:
         outcome = await self._store.commit_turn(
             turn.ref,
             lock_value=turn.lock_value,
-            expected_length=turn.started.length,
+            expected_length=(
+                turn.started.stored if turn.started.stored is not None else turn.started.length
+            ),
             messages=records,
             meta_updates=meta_updates,
             usage=reply.usage,
             record=IdempotentRecord(turn.idempotency, body) if turn.idempotency else None,
             model=turn.model,
             factor=factor,
+            rewrite_from=turn.rewrite_from,
         )
         if outcome != "ok":
             metrics.TURNS.labels("lease_lost").inc()
@@ -577,7 +608,7 @@ class ChatService:
             turn.ref,
             turn.summary,
             first_seq=turn.first_seq,
-            history=[*turn.window.history, *stored],
+            history=[*turn.window.history, *turn.carried, *stored],
             fixed_tokens=turn.raw_estimate - forwarded_history,
             budget=turn.budget,
             factor=self._store.cached_factor(turn.ref.tenant, turn.model),
@@ -591,6 +622,17 @@ class ChatService:
         metrics.TURNS.labels("failed").inc()
         with contextlib.suppress(ServiceError):
             await self._store.release(turn.ref, turn.lock_value)
+
+
+def refusal(ref: ConversationRef, refused: Refused, seq: int | None) -> ServiceError:
+    """The answer to a regenerate or an edit the log cannot take."""
+    if refused.reason == "gone":
+        return ConversationNotFound(f"no conversation {ref.id!r}")
+    if refused.reason == "beyond":
+        return SeqBeyondLog(f"replace_from: conversation {ref.id!r} has no message {seq}")
+    if refused.reason == "role":
+        return InvalidRequest(f"replace_from: message {seq} is not a user message")
+    return NothingToRegenerate(f"conversation {ref.id!r} has no user message to answer again")
 
 
 async def _replay_as_sse(body: bytes) -> AsyncIterator[bytes]:

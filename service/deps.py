@@ -11,11 +11,13 @@ from service.auth import Authenticator, Caller
 from service.chat import ChatService
 from service.config import Settings
 from service.detached import DetachedTurns
-from service.end_user_auth import capped_turn
+from service.editing import EditingService
+from service.end_user_auth import P, capped_turn
 from service.errors import Forbidden, InvalidRequest
+from service.log_edits import LogEditStore
 from service.logs import annotate
 from service.rate_limits import RateLimiter
-from service.schemas import CONVERSATION_ID, ConversationUpdate, TurnCreate
+from service.schemas import CONVERSATION_ID, ConversationUpdate, RegenerateCreate, TurnCreate
 from service.store import ConversationRef, ConversationStore
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -34,6 +36,20 @@ async def get_store(request: Request) -> ConversationStore:
 async def get_chat(request: Request) -> ChatService:
     chat: ChatService = request.state.chat
     return chat
+
+
+async def get_edits(request: Request) -> LogEditStore:
+    edits: LogEditStore = request.state.edits
+    return edits
+
+
+async def get_editing(request: Request) -> EditingService:
+    editing: EditingService = request.state.editing
+    return editing
+
+
+EditsDep = Annotated[LogEditStore, Depends(get_edits)]
+EditingDep = Annotated[EditingService, Depends(get_editing)]
 
 
 async def get_detached(request: Request) -> DetachedTurns:
@@ -107,6 +123,17 @@ IdempotencyKeyDep = Annotated[str | None, Depends(get_idempotency_key)]
 async def get_turn(body: TurnCreate, settings: SettingsDep, caller: CallerDep) -> TurnCreate:
     """The turn's body, refused when it names a field neither we nor the operator allow, and
     held to an end-user token's caps."""
+    return _allowed(body, settings, caller)
+
+
+async def get_regenerate(
+    body: RegenerateCreate, settings: SettingsDep, caller: CallerDep
+) -> RegenerateCreate:
+    """A regenerate's body, held to the same rules as a turn's."""
+    return _allowed(body, settings, caller)
+
+
+def _allowed(body: P, settings: Settings, caller: Caller) -> P:
     unknown = body.unknown_fields(settings.extra_gateway_params())
     if unknown:
         raise InvalidRequest(
@@ -118,11 +145,11 @@ async def get_turn(body: TurnCreate, settings: SettingsDep, caller: CallerDep) -
     return body
 
 
-async def get_update(
-    update: ConversationUpdate, settings: SettingsDep, caller: CallerDep
+def checked_update(
+    update: ConversationUpdate, settings: Settings, caller: Caller
 ) -> ConversationUpdate:
     """Settings within the operator's caps: token budget and time to live. End users may set
-    only `metadata`: the rest is the tenant's to decide."""
+    only `metadata`: the rest is the tenant's to decide. (An import's settings too.)"""
     if caller.end_user is not None:
         fields = sorted(update.model_fields_set - {"metadata"})
         if fields:
@@ -140,5 +167,12 @@ async def get_update(
     return update
 
 
+async def get_update(
+    update: ConversationUpdate, settings: SettingsDep, caller: CallerDep
+) -> ConversationUpdate:
+    return checked_update(update, settings, caller)
+
+
 TurnDep = Annotated[TurnCreate, Depends(get_turn)]
+RegenerateDep = Annotated[RegenerateCreate, Depends(get_regenerate)]
 UpdateDep = Annotated[ConversationUpdate, Depends(get_update)]

@@ -18,15 +18,16 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import jwt
 
 from service.errors import Forbidden, Unauthorized
-from service.schemas import TurnCreate
+from service.schemas import TurnParams
 
 log = logging.getLogger("service.end_user_auth")
+P = TypeVar("P", bound=TurnParams)
 
 HMAC_ALGORITHMS = ("HS256",)
 JWKS_ALGORITHMS = ("RS256", "ES256")
@@ -81,7 +82,7 @@ class EndUser:
             raise Forbidden(f"this token does not cover conversation {conversation_id!r}")
 
 
-def capped_turn(turn: TurnCreate, grant: EndUser) -> TurnCreate:
+def capped_turn(turn: P, grant: EndUser) -> P:
     """A turn within a token's caps: its model (fallbacks would name others), at most its
     max_tokens (the cap when none is asked), and never a system prompt: that is the tenant's."""
     if turn.system is not None:

@@ -80,6 +80,37 @@ class IdempotentRequestInFlight(ServiceError):
     slug = "idempotency-in-flight"
 
 
+class SeqBeyondLog(ServiceError):
+    """A seq past the log's end: a state the request does not match (the log may have been cut
+    by another client), not a malformed request."""
+
+    status = 409
+    title = "No such message"
+    slug = "seq-beyond-log"
+
+
+class LogRewritten(ServiceError):
+    """A page asked for with the generation of a log that was rewritten since."""
+
+    status = 409
+    title = "Log rewritten"
+    slug = "log-rewritten"
+
+
+class NothingToRegenerate(ServiceError):
+    """A regenerate of a conversation without a user message: nothing was asked yet."""
+
+    status = 409
+    title = "Nothing to regenerate"
+    slug = "nothing-to-regenerate"
+
+
+class ConversationExists(ServiceError):
+    status = 409
+    title = "Conversation exists"
+    slug = "conversation-exists"
+
+
 class IdempotencyKeyReused(ServiceError):
     status = 422
     title = "Idempotency-Key reused with another body"

@@ -22,6 +22,9 @@ MAX_FALLBACKS = 16
 MAX_SYSTEM_CHARS = 128 * 1024  # a conversation's system prompt
 MAX_METADATA_BYTES = 16 * 1024  # a conversation's metadata, as JSON
 MAX_TEXT_CHARS = 256  # ids, names, model names, regions
+# Messages in one import (service/editing.py): as many as a turn's window may read. The body is
+# held to MAX_BODY_BYTES besides, like every other.
+MAX_IMPORT_MESSAGES = 10_000
 
 
 def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -35,6 +35,17 @@ def _json_or_unset(headers: dict[bytes, bytes]) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
+# An import's body is JSON Lines (service/editing_routes.py), under any of its usual names.
+_JSON_LINES = (b"application/jsonl", b"application/x-ndjson", b"application/x-jsonlines")
+
+
+def _accepted_media(headers: dict[bytes, bytes], path: str) -> bool:
+    if _json_or_unset(headers):
+        return True
+    media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    return path.endswith("/import") and media in _JSON_LINES
+
+
 class BodyTooLarge(HTTPException):
     """Raised from `receive`: an HTTPException, so FastAPI's body parsing lets it through."""
 
@@ -163,7 +174,7 @@ class RequestMiddleware:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise BodyTooLarge(self.max_body_bytes)
-            if scope["method"] in ("POST", "PUT") and not _json_or_unset(headers):
+            if scope["method"] in ("POST", "PUT") and not _accepted_media(headers, scope["path"]):
                 await self._problem(
                     send_wrapper,
                     cors,

@@ -63,6 +63,7 @@ class ConversationMeta(BaseModel):
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     window_start: int | None = None  # the seq the forwarded history begins at (service/trim.py)
+    generation: int = 0  # bumped by every rewrite of the log (service/editing.py)
     trim_low_water: float | None = None  # the conversation's own TRIM_LOW_WATER
     # Rolling summaries (service/summary_plan.py): the settings `PUT summary` sets...
     summary_enabled: bool | None = None

@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service import limits
 from service.config import Settings
-from service.schemas import Problem
+from service.schemas import ExportHeader, Problem
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _STATUS_MEANINGS = {
@@ -26,7 +26,8 @@ _STATUS_MEANINGS = {
     "detached turn to stream",
     408: "The headers or body did not arrive in time",
     409: "The conversation stayed busy past LOCK_WAIT_SECONDS, or the same idempotent request "
-    "is still running; no running detached turn to cancel",
+    "is still running; no running detached turn to cancel; a seq past the log's end; a page "
+    "of a log rewritten since (`generation`); a fork or import onto a conversation that exists",
     413: "The body is over MAX_BODY_BYTES, or the new messages exceed the token budget",
     415: "The body is not JSON",
     422: "A bad id, field, type or limit, or an Idempotency-Key reused with another body",
@@ -39,7 +40,35 @@ _STATUS_MEANINGS = {
 _CONVERSATION = [401, 403, 404, 422, 429, 503]
 _ERRORS: dict[tuple[str, str], list[int]] = {
     ("post", "/conversations/{conversation_id}/messages"): sorted(_STATUS_MEANINGS),
-    ("get", "/conversations/{conversation_id}/messages"): _CONVERSATION,
+    ("get", "/conversations/{conversation_id}/messages"): [*_CONVERSATION, 409],
+    ("post", "/conversations/{conversation_id}/regenerate"): sorted(_STATUS_MEANINGS),
+    ("post", "/conversations/{conversation_id}/fork"): [
+        400,
+        401,
+        403,
+        404,
+        408,
+        409,
+        413,
+        415,
+        422,
+        429,
+        503,
+    ],
+    ("delete", "/conversations/{conversation_id}/messages"): [401, 403, 404, 409, 422, 429, 503],
+    ("get", "/conversations/{conversation_id}/export"): _CONVERSATION,
+    ("post", "/conversations/{conversation_id}/import"): [
+        400,
+        401,
+        403,
+        408,
+        409,
+        413,
+        415,
+        422,
+        429,
+        503,
+    ],
     # A preview calls no gateway and takes no lease: a turn's errors before either.
     ("post", "/conversations/{conversation_id}/context"): [
         400,
@@ -87,6 +116,11 @@ _OPERATION_IDS = {
     ("post", "/end-user-tokens"): "MintEndUserToken",
     ("get", "/conversations/{conversation_id}/stream"): "FollowTurn",
     ("post", "/conversations/{conversation_id}/cancel"): "CancelTurn",
+    ("post", "/conversations/{conversation_id}/regenerate"): "Regenerate",
+    ("post", "/conversations/{conversation_id}/fork"): "ForkConversation",
+    ("delete", "/conversations/{conversation_id}/messages"): "TruncateMessages",
+    ("get", "/conversations/{conversation_id}/export"): "ExportConversation",
+    ("post", "/conversations/{conversation_id}/import"): "ImportConversation",
 }
 
 
@@ -157,6 +191,41 @@ def _message_schema() -> dict[str, Any]:
     }
 
 
+def _import_lines(message: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    """An import's body as JSON Lines: the conversation line, then message lines (`seq` their
+    position, which a schema cannot say; service/editing.py checks it)."""
+    header = ExportHeader.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in header.pop("$defs", {}).items():
+        schemas.setdefault(name, definition)
+    schemas["ExportHeader"] = header
+    extra = {
+        "type": {"const": "message"},
+        "seq": {"type": "integer", "minimum": 1, "maximum": 2**53},
+        "created_at": {"type": "string", "format": "date-time"},
+    }
+    schemas["ExportMessage"] = {
+        "title": "ExportMessage",
+        "oneOf": [
+            {
+                **shape,
+                "properties": {**shape["properties"], **extra},
+                "required": [*shape["required"], "type", "seq"],
+            }
+            for shape in message["oneOf"]
+        ],
+    }
+    return {
+        "type": "array",
+        # No maxItems: the limit (MAX_IMPORT_MESSAGES, and MAX_BODY_BYTES) is told in words, so
+        # that generators do not build files of ten thousand messages to probe it.
+        "description": "One JSON value per line: the conversation, then at most "
+        f"{limits.MAX_IMPORT_MESSAGES} messages (and at most MAX_BODY_BYTES in all)",
+        "prefixItems": [{"$ref": "#/components/schemas/ExportHeader"}],
+        "items": {"$ref": "#/components/schemas/ExportMessage"},
+        "minItems": 1,
+    }
+
+
 def _not_null(parameter: dict[str, Any]) -> None:
     """An optional header or query parameter is absent or a string: never JSON's null, which
     FastAPI writes for `X | None`."""
@@ -172,6 +241,7 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     schemas["Problem"] = Problem.model_json_schema()
     schemas["MessageCreate"] = _message_schema()
+    schemas["ImportLines"] = _import_lines(schemas["MessageCreate"], schemas)
     schemas["ContentPart"]["if"] = {"properties": {"type": {"const": "text"}}}
     schemas["ContentPart"]["then"] = {
         "required": ["text"],

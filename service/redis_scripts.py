@@ -55,12 +55,50 @@ local function rebuild_tokens(log, tok, length)
 end
 """
 
+# Rewriting the log from seq `from` on (truncate, regenerate, edit and resend: service/editing.py),
+# in the script that does it: every list kept beside the log is cut with it, the summaries that
+# cover a cut message are forgotten (service/summary_plan.py's fields_to_forget, here so that a
+# summary stored between a turn's start and its commit is seen), a summary job running now
+# will find its compare-and-set base moved, a window start at or past the cut goes back to 1
+# (the next turn chooses afresh), and the log's generation moves on (cursors of old pages).
+_REWRITE = r"""
+local SUMMARY_CURRENT = {'summary_text', 'summary_through', 'summary_version', 'summary_by',
+                         'summary_at'}
+local SUMMARY_NEXT = {'summary_next_text', 'summary_next_through', 'summary_next_version',
+                      'summary_next_by', 'summary_next_at'}
+local function rewrite_from(lists, meta, sumlock, from)
+  for _, key in ipairs(lists) do
+    if from <= 1 then redis.call('DEL', key) else redis.call('LTRIM', key, 0, from - 2) end
+  end
+  local f = redis.call('HMGET', meta, 'summary_text', 'summary_through', 'summary_version',
+                       'summary_next_text', 'summary_next_through', 'summary_next_version')
+  local version = math.max(tonumber(f[3] or '0') or 0, tonumber(f[6] or '0') or 0)
+  local current = tonumber(f[2] or '0') or 0
+  local upcoming = tonumber(f[5] or '0') or 0
+  local forget_current = f[1] and f[1] ~= '' and current > 0 and current >= from
+  if forget_current then redis.call('HDEL', meta, unpack(SUMMARY_CURRENT)) end
+  if forget_current or (f[4] and f[4] ~= '' and upcoming > 0 and upcoming >= from) then
+    redis.call('HDEL', meta, unpack(SUMMARY_NEXT))
+  end
+  if redis.call('EXISTS', sumlock) == 1 then
+    redis.call('HSET', meta, 'summary_version', version + 1)
+  end
+  local start = tonumber(redis.call('HGET', meta, 'window_start') or '0') or 0
+  if start >= from then redis.call('HDEL', meta, 'window_start') end
+  return redis.call('HINCRBY', meta, 'generation', 1)
+end
+"""
+
 # KEYS: log, tok, meta, lock[, idem]
-# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash, peek}.
+# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash, peek,
+# from, regenerate}. With `from` (edit and resend) the history read ends before that seq, which
+# must be a stored user message; with `regenerate` it ends before the last user message, which
+# is answered again ({'invalid', why} otherwise, lease not taken).
 # Reads the suffix of the log from the window start (`window_start` in meta), stopping once the
 # estimates pass budget x scale or max_messages: what to forward is decided in service/trim.py.
 # Answers {'replay', body} | {'mismatch'} | {'inflight', pttl} | {'busy', pttl}
-#       | {'ok', length, meta pairs, suffix oldest first}.
+#       | {'invalid', 'gone' | 'beyond' | 'role' | 'no_user'}
+#       | {'ok', length, meta pairs, suffix oldest first, stored length, regenerated message}.
 BEGIN_TURN = (
     _TOKENS
     + r"""
@@ -89,10 +127,40 @@ if not p.peek then
     end
     return {'busy', pttl}
   end
-  redis.call('SET', KEYS[4], p.lock, 'PX', p.lease_ms)
 end
-local length = redis.call('LLEN', KEYS[1])
-if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
+local stored = redis.call('LLEN', KEYS[1])
+local length, again = stored, ''
+if p.from or p.regenerate then
+  if redis.call('EXISTS', KEYS[3]) == 0 then return {'invalid', 'gone'} end
+  if p.from then
+    if p.from > stored then return {'invalid', 'beyond'} end
+    local ok, record = pcall(cjson.decode, redis.call('LINDEX', KEYS[1], p.from - 1))
+    if not ok or type(record) ~= 'table' or record.role ~= 'user' then
+      return {'invalid', 'role'}
+    end
+    length = p.from - 1
+  else
+    local found = nil
+    local upper = stored
+    while upper > 0 and not found and stored - upper < p.max_messages do
+      local first = math.max(0, upper - 64)
+      local items = redis.call('LRANGE', KEYS[1], first, upper - 1)
+      for i = #items, 1, -1 do
+        local ok, record = pcall(cjson.decode, items[i])
+        if ok and type(record) == 'table' and record.role == 'user' then
+          found = first + i
+          again = items[i]
+          break
+        end
+      end
+      upper = first
+    end
+    if not found then return {'invalid', 'no_user'} end
+    length = found - 1
+  end
+end
+if not p.peek then redis.call('SET', KEYS[4], p.lock, 'PX', p.lease_ms) end
+if redis.call('LLEN', KEYS[2]) ~= stored then rebuild_tokens(KEYS[1], KEYS[2], stored) end
 local budget = tonumber(redis.call('HGET', KEYS[3], 'token_budget') or p.budget)
 local limit = budget * p.scale
 local floor = (tonumber(redis.call('HGET', KEYS[3], 'window_start')) or 1) - 1
@@ -112,13 +180,14 @@ while upper > floor and not full do
 end
 local suffix = {}
 if lower < length then suffix = redis.call('LRANGE', KEYS[1], lower, length - 1) end
-return {'ok', length, redis.call('HGETALL', KEYS[3]), suffix}
+return {'ok', length, redis.call('HGETALL', KEYS[3]), suffix, stored, again}
 """
 )
 
-# KEYS: log, tok, meta, lock, idem, idem set, index (unused ones repeat the log key)
+# KEYS: log, tok, meta, lock, idem, idem set, index, sumlock (unused ones repeat the log key)
 # ARGV[1]: JSON {lock, expected, now, ttl, idem (bool), idem_record, idem_ttl, index (bool),
-# member, index_ttl, usage {field: increment}, messages [JSON text], tokens [int], meta {k: v}}.
+# member, index_ttl, usage {field: increment}, messages [JSON text], tokens [int], meta {k: v},
+# from}. With `from` (regenerate, edit and resend) the log is first cut back to before that seq.
 # Answers {'ok', length} | {'lost'} | {'conflict'}.
 # Messages are pushed a hundred at a time: `unpack` of thousands of values overflows Lua's
 # C stack ("too many results to unpack").
@@ -126,6 +195,7 @@ COMMIT_TURN = (
     _SLIDE_TTL
     + _TOUCH_INDEX
     + _TOKENS
+    + _REWRITE
     + r"""
 local p = cjson.decode(ARGV[1])
 if redis.call('GET', KEYS[4]) ~= p.lock then
@@ -141,6 +211,10 @@ if length ~= tonumber(p.expected) then
   return {'conflict'}
 end
 if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
+if p.from then
+  rewrite_from({KEYS[1], KEYS[2]}, KEYS[3], KEYS[8], p.from)
+  length = p.from - 1
+end
 local count = #p.messages
 for first = 1, count, 100 do
   local last = math.min(first + 99, count)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.auth import Caller
+from service.chat import ChatService
 from service.config import Settings
 from service.deps import (
     CallerDep,
     ChatDep,
     ConversationDep,
     DetachedDep,
+    EditsDep,
     IdempotencyKeyDep,
     RequestIdDep,
     SettingsDep,
@@ -24,7 +27,9 @@ from service.deps import (
     TurnDep,
     UpdateDep,
 )
-from service.errors import ConversationNotFound, StoreUnavailable
+from service.detached import DetachedTurns
+from service.errors import ConversationNotFound, LogRewritten, StoreUnavailable
+from service.log_edits import Page
 from service.schemas import (
     ContextPreview,
     ConversationList,
@@ -33,6 +38,8 @@ from service.schemas import (
     MessagePage,
     MessagePublic,
     SummaryPublic,
+    TurnCreate,
+    TurnParams,
     TurnPublic,
     Usage,
     timestamp,
@@ -43,32 +50,30 @@ from service.streaming import DONE
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 ops = APIRouter(tags=["operations"])
 
+# The answer of a turn (and of a regenerate): the completion as JSON, or its SSE events.
+TURN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The gateway's completion plus `conversation`; "
+        "`text/event-stream` when `stream` is true",
+        "model": TurnPublic,
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "One server-sent event: the gateway's chunks, then "
+                    "`event: conversation`, then `data: [DONE]`",
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
 # `<last activity, epoch seconds>~<conversation id>`: the place after which the next page starts.
 CURSOR = re.compile(r"^[0-9]{1,16}(?:\.[0-9]{1,20})?~[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.post(
-    "/{conversation_id}/messages",
-    response_model=None,
-    responses={
-        200: {
-            "description": "The gateway's completion plus `conversation`; "
-            "`text/event-stream` when `stream` is true",
-            "model": TurnPublic,
-            "content": {
-                "text/event-stream": {
-                    "schema": {
-                        "type": "object",
-                        "description": "One server-sent event: the gateway's chunks, then "
-                        "`event: conversation`, then `data: [DONE]`",
-                        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
-                    }
-                }
-            },
-        }
-    },
-)
+@router.post("/{conversation_id}/messages", response_model=None, responses=TURN_RESPONSES)
 async def post_turn(
     body: TurnDep,
     ref: ConversationDep,
@@ -79,11 +84,40 @@ async def post_turn(
     request_id: RequestIdDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
+    return await answer_turn(
+        body,
+        ref,
+        caller=caller,
+        chat=chat,
+        detached=detached,
+        store=store,
+        request_id=request_id,
+        idempotency_key=idempotency_key,
+    )
+
+
+async def answer_turn(
+    body: TurnParams,
+    ref: ConversationRef,
+    *,
+    caller: Caller,
+    chat: ChatService,
+    detached: DetachedTurns,
+    store: ConversationStore,
+    request_id: str,
+    idempotency_key: str | None,
+) -> Response:
+    """A turn's (or a regenerate's) answer: JSON, or SSE with `stream`; the end user's index
+    is written once the turn is stored."""
     if body.stream:
-        start = detached.start if body.detach else chat.stream
-        events, replayed = await start(
-            ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
-        )
+        if isinstance(body, TurnCreate) and body.detach:
+            events, replayed = await detached.start(
+                ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+            )
+        else:
+            events, replayed = await chat.stream(
+                ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+            )
         headers = {**SSE_HEADERS, "Idempotent-Replayed": "true"} if replayed else SSE_HEADERS
         if caller.end_user is not None:
             events = _indexed_when_done(events, store, ref, caller.end_user.sub)
@@ -119,15 +153,32 @@ async def preview_context(body: TurnDep, ref: ConversationDep, chat: ChatDep) ->
 @router.get("/{conversation_id}/messages", response_model_exclude_unset=True)
 async def get_messages(
     ref: ConversationDep,
-    store: StoreDep,
+    edits: EditsDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before: Annotated[int | None, Query(ge=1)] = None,
+    generation: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=2**53,
+            description="The `generation` of the page `before` came from: a log rewritten since "
+            "(regenerate, edit, truncate) is 409 rather than a page of another log",
+        ),
+    ] = None,
 ) -> MessagePage:
-    page = await store.page(ref, limit=limit, before=before)
-    if page is None:
+    page = await edits.page(ref, limit=limit, before=before, generation=generation)
+    if page == "gone":
         raise ConversationNotFound(f"no conversation {ref.id!r}")
-    messages, has_more = page
-    return MessagePage(messages=[MessagePublic.from_record(m) for m in messages], has_more=has_more)
+    if not isinstance(page, Page):
+        raise LogRewritten(
+            f"conversation {ref.id!r} was rewritten since generation {generation}; "
+            "page again from the newest"
+        )
+    return MessagePage(
+        messages=[MessagePublic.from_record(m) for m in page.messages],
+        has_more=page.has_more,
+        generation=page.generation,
+    )
 
 
 @router.get("/{conversation_id}")

@@ -147,9 +147,10 @@ def _refuse_early(value: Any, lists: dict[str, int]) -> Any:
     return value
 
 
-class TurnCreate(BaseModel):
-    """`POST /conversations/{id}/messages`: exactly one of `message` (the newest message) or
-    `messages` (several new ones), plus gateway parameters.
+class TurnParams(BaseModel):
+    """What every call that asks the gateway for a completion may carry: model, system prompt,
+    `stream`, and the gateway parameters. A turn adds its new message(s) (TurnCreate); a
+    regenerate carries only these (RegenerateCreate).
 
     Only the parameters the gateway documents are accepted, and those the operator adds with
     GATEWAY_EXTRA_PARAMS; any other field is 422 naming it.
@@ -158,6 +159,81 @@ class TurnCreate(BaseModel):
     model_config = ConfigDict(
         extra="allow",  # kept, then checked against GATEWAY_EXTRA_PARAMS (see limits.py's callers)
         strict=True,
+    )
+
+    model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    system: StrictStr | None = Field(default=None, max_length=limits.MAX_SYSTEM_CHARS)
+    stream: StrictBool = False
+    max_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: (
+        StrictStr | Annotated[list[StrictStr], Field(max_length=limits.MAX_STOP_SEQUENCES)] | None
+    ) = None
+    stream_options: dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=limits.MAX_TOOLS)] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    fallbacks: (
+        Annotated[list[StrictStr | dict[str, Any]], Field(max_length=limits.MAX_FALLBACKS)] | None
+    ) = None
+    fallback_config: dict[str, Any] | None = None
+    post_processing_steps: list[dict[str, Any]] | None = None
+    transcript_id: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
+    model_region: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        return _refuse_early(
+            value,
+            {
+                "messages": limits.MAX_NEW_MESSAGES,
+                "tools": limits.MAX_TOOLS,
+                "fallbacks": limits.MAX_FALLBACKS,
+            },
+        )
+
+    _whole_max_tokens = field_validator("max_tokens", mode="before")(_integral)
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
+            raise ValueError("must be a number")
+        return value
+
+    def new_messages(self) -> list[MessageCreate]:
+        """The message(s) this call stores before the reply; none for a regenerate."""
+        return []
+
+    def unknown_fields(self, allowed_extra: frozenset[str]) -> list[str]:
+        """Fields that are neither ours, nor the gateway's, nor on the operator's allow-list."""
+        return sorted(set(self.model_extra or {}) - allowed_extra)
+
+    def gateway_params(self) -> JSONObject:
+        """Everything forwarded besides model and messages."""
+        params = self.model_dump(
+            mode="json",
+            exclude_none=True,
+            exclude={"message", "messages", "model", "system", "stream", "detach", "replace_from"},
+        )
+        params.update(self.model_extra or {})
+        for reserved in ("messages", "model", "stream"):
+            params.pop(reserved, None)
+        return params
+
+
+class TurnCreate(TurnParams):
+    """`POST /conversations/{id}/messages`: exactly one of `message` (the newest message) or
+    `messages` (several new ones), plus gateway parameters; with `replace_from` (a stored user
+    message's seq), the new message(s) and the reply replace the log from that seq on.
+
+    Only the parameters the gateway documents are accepted, and those the operator adds with
+    GATEWAY_EXTRA_PARAMS; any other field is 422 naming it.
+    """
+
+    model_config = ConfigDict(
         json_schema_extra={
             "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
             "additionalProperties": False,
@@ -190,40 +266,11 @@ class TurnCreate(BaseModel):
         Annotated[list[MessageCreate], Field(min_length=1, max_length=limits.MAX_NEW_MESSAGES)]
         | None
     ) = None
-    model: StrictStr | None = Field(default=None, min_length=1, max_length=200)
-    system: StrictStr | None = Field(default=None, max_length=limits.MAX_SYSTEM_CHARS)
-    stream: StrictBool = False
     # Run to the end whatever the client does; resumable and cancellable (service/detached.py).
     detach: StrictBool = False
-    max_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    stop: (
-        StrictStr | Annotated[list[StrictStr], Field(max_length=limits.MAX_STOP_SEQUENCES)] | None
-    ) = None
-    stream_options: dict[str, Any] | None = None
-    tools: Annotated[list[dict[str, Any]], Field(max_length=limits.MAX_TOOLS)] | None = None
-    tool_choice: StrictStr | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    fallbacks: (
-        Annotated[list[StrictStr | dict[str, Any]], Field(max_length=limits.MAX_FALLBACKS)] | None
-    ) = None
-    fallback_config: dict[str, Any] | None = None
-    post_processing_steps: list[dict[str, Any]] | None = None
-    transcript_id: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
-    model_region: StrictStr | None = Field(default=None, max_length=limits.MAX_TEXT_CHARS)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bounded(cls, value: Any) -> Any:
-        return _refuse_early(
-            value,
-            {
-                "messages": limits.MAX_NEW_MESSAGES,
-                "tools": limits.MAX_TOOLS,
-                "fallbacks": limits.MAX_FALLBACKS,
-            },
-        )
+    # Edit and resend (service/editing.py): the stored messages from this seq on (a user
+    # message) are replaced by the new message(s) and the reply.
+    replace_from: Annotated[int, Field(ge=1, le=2**53, strict=True)] | None = None
 
     @model_validator(mode="after")
     def _one_of_message_or_messages(self) -> TurnCreate:
@@ -237,38 +284,34 @@ class TurnCreate(BaseModel):
             raise ValueError("'messages' must not be empty")
         if new[-1].role not in ("user", "tool"):
             raise ValueError("the last new message must be a user or tool message")
+        if self.replace_from is not None and new[0].role != "user":
+            raise ValueError("with 'replace_from' the first new message must be a user message")
         if self.detach and not self.stream:
             raise ValueError("'detach' needs 'stream': true (a detached turn is read as a stream)")
         _encodable(self.model_dump(mode="json"))
         return self
 
-    _whole_max_tokens = field_validator("max_tokens", mode="before")(_integral)
-
-    @field_validator("temperature", "top_p", mode="before")
-    @classmethod
-    def _number(cls, value: object) -> object:
-        if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
-            raise ValueError("must be a number")
-        return value
+    _whole_replace_from = field_validator("replace_from", mode="before")(_integral)
 
     def new_messages(self) -> list[MessageCreate]:
         return [self.message] if self.message is not None else list(self.messages or [])
 
-    def unknown_fields(self, allowed_extra: frozenset[str]) -> list[str]:
-        """Fields that are neither ours, nor the gateway's, nor on the operator's allow-list."""
-        return sorted(set(self.model_extra or {}) - allowed_extra)
 
-    def gateway_params(self) -> JSONObject:
-        """Everything forwarded besides model and messages."""
-        params = self.model_dump(
-            mode="json",
-            exclude_none=True,
-            exclude={"message", "messages", "model", "system", "stream", "detach"},
-        )
-        params.update(self.model_extra or {})
-        for reserved in ("messages", "model", "stream"):
-            params.pop(reserved, None)
-        return params
+class RegenerateCreate(TurnParams):
+    """`POST /conversations/{id}/regenerate`: a new completion for the history up to the last
+    user message, replacing what follows it; gateway parameters and `stream` as for a turn."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "additionalProperties": False,
+            "examples": [{}, {"max_tokens": 200, "temperature": 1.0}],
+        },
+    )
+
+    @model_validator(mode="after")
+    def _encodable_text(self) -> RegenerateCreate:
+        _encodable(self.model_dump(mode="json"))
+        return self
 
 
 class SummarySettings(BaseModel):
@@ -385,6 +428,34 @@ class MessagePublic(BaseModel):
 class MessagePage(BaseModel):
     messages: list[MessagePublic]
     has_more: bool
+    # Bumped by every rewrite of the log (truncate, regenerate, edit and resend): a client paging
+    # with `before=` sends it back as `generation=`, and a page of a rewritten log is 409.
+    generation: int
+
+
+class ForkCreate(BaseModel):
+    """`POST /conversations/{id}/fork`: a new conversation `new_id` whose history is this one's
+    first `through_seq` messages (all of them when absent)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"new_id": "chat-42-branch", "through_seq": 4}]},
+    )
+
+    new_id: StrictStr = Field(min_length=1, max_length=128, pattern=CONVERSATION_ID.pattern)
+    through_seq: Annotated[int, Field(ge=1, le=2**53, strict=True)] | None = None
+
+    _whole_through_seq = field_validator("through_seq", mode="before")(_integral)
+
+
+class EditResult(BaseModel):
+    """What a truncate, fork or import left: the conversation's id, its stored messages and its
+    log generation."""
+
+    id: str
+    message_count: int
+    generation: int
 
 
 class Usage(BaseModel):
@@ -473,6 +544,48 @@ class ConversationList(BaseModel):
 class TurnSummary(BaseModel):
     version: int
     covers_through: int
+
+
+class ExportSummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: StrictStr = Field(min_length=1, max_length=limits.MAX_SYSTEM_CHARS)
+    covers_through: Annotated[int, Field(ge=1, le=2**53, strict=True)]
+
+
+class ExportHeader(BaseModel):
+    """The first line of an export (and of an import): the conversation and its settings.
+    `settings` takes what `PUT /conversations/{id}` takes; the rest is informative on import,
+    besides `summary` (kept when it covers no more than the imported messages)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["conversation"]
+    format: Literal[1]
+    id: StrictStr | None = Field(default=None, max_length=128)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    message_count: Annotated[int, Field(ge=0, strict=True)] | None = None
+    generation: Annotated[int, Field(ge=0, strict=True)] | None = None
+    window_start: Annotated[int, Field(ge=1, le=2**53, strict=True)] | None = None
+    settings: ConversationUpdate
+    summary: ExportSummary | None = None
+
+
+class ExportMessage(MessageCreate):
+    """One message line of an export (and of an import): a stored message, `seq` its position."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["message"]
+    seq: Annotated[int, Field(ge=1, le=2**53, strict=True)]
+    created_at: datetime | None = None
+
+    def to_wire(self) -> JSONObject:
+        wire = super().to_wire()
+        for field in ("type", "seq", "created_at"):
+            wire.pop(field, None)
+        return wire
 
 
 class TurnContext(BaseModel):

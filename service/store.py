@@ -9,7 +9,8 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
                         metadata (JSON), usage totals (input_tokens, output_tokens,
                         uncached_input_tokens, cache_read_input_tokens,
                         cache_creation_input_tokens), window_start, trim_low_water, and
-                        summary_* (the rolling summary and its settings: summary_store.py)
+                        summary_* (the rolling summary and its settings: summary_store.py),
+                        generation (bumped by every rewrite of the log: service/editing.py)
   conv:{T:I}:sumlock    the summary job's lease (service/summary_store.py)
   conv:{T:I}:lock       the turn lease: "<token>\\n<idempotency key hash>\\n<fingerprint>"
   conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
@@ -94,9 +95,19 @@ class Idempotency:
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    length: int
+    length: int  # the history a turn builds on: every stored message, or those before an edit
     meta: ConversationMeta | None
     window: list[Message]  # oldest first
+    stored: int | None = None  # the log's whole length when a rewrite reads less (`length`)
+    again: Message | None = None  # regenerate: the last user message, answered again
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A regenerate or an edit the log cannot take: `gone` (no conversation), `beyond` (no such
+    seq), `role` (not a user message), `no_user` (nothing to regenerate)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +126,7 @@ class Mismatch:
     pass
 
 
-BeginResult = Started | Waiting | Replay | Mismatch
+BeginResult = Started | Waiting | Replay | Mismatch | Refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +166,19 @@ def _window(items: list[bytes], where: ConversationRef) -> list[Message]:
                 break
         suffix.reverse()
         return suffix
+
+
+def _started(answer: Sequence[Any], ref: ConversationRef) -> Started:
+    """BEGIN_TURN's {'ok', length, meta, suffix, stored, regenerated message}."""
+    length, stored = int(answer[1]), int(answer[4])
+    again = _readable([answer[5]], ref) if answer[5] else []
+    return Started(
+        length=length,
+        meta=_meta(answer[2]),
+        window=_window(answer[3], ref),
+        stored=stored if stored != length or again else None,
+        again=again[0] if again else None,
+    )
 
 
 def _unreadable(where: ConversationRef) -> None:
@@ -332,23 +356,30 @@ class ConversationStore:
         budget_scale: float,
         max_messages: int,
         idempotency: Idempotency | None,
+        replace_from: int | None = None,
+        regenerate: bool = False,
     ) -> BeginResult:
         """Take the lease and read the window's suffix in one round trip, with the tenant's
-        token-estimate corrections when they are over a second old."""
+        token-estimate corrections when they are over a second old. With `replace_from` or
+        `regenerate` the history ends before that seq (a user message) or before the last user
+        message; Refused when there is none such."""
         keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
         if idempotency is not None:
             keys.append(ref.key(f"idem:{idempotency.key_hash}"))
-        argument = orjson.dumps(
-            {
-                "lock": lock_value,
-                "lease_ms": lease_ms,
-                "budget": default_budget,
-                "scale": budget_scale,
-                "max_messages": max_messages,
-                "fingerprint": idempotency.fingerprint if idempotency else "",
-                "key_hash": idempotency.key_hash if idempotency else "",
-            }
-        )
+        fields: dict[str, Any] = {
+            "lock": lock_value,
+            "lease_ms": lease_ms,
+            "budget": default_budget,
+            "scale": budget_scale,
+            "max_messages": max_messages,
+            "fingerprint": idempotency.fingerprint if idempotency else "",
+            "key_hash": idempotency.key_hash if idempotency else "",
+        }
+        if replace_from is not None:  # a JSON null would reach the script as cjson.null
+            fields["from"] = replace_from
+        if regenerate:
+            fields["regenerate"] = True
+        argument = orjson.dumps(fields)
 
         def fill(pipe: Any) -> None:
             pipe.evalsha(self._sha["BEGIN_TURN"], len(keys), *keys, argument)
@@ -365,8 +396,9 @@ class ConversationStore:
             answer = await self._script("BEGIN_TURN", keys, [argument])
         kind = _text(answer[0])
         if kind == "ok":
-            window = _window(answer[3], ref)
-            return Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
+            return _started(answer, ref)
+        if kind == "invalid":
+            return Refused(_text(answer[1]))
         if kind == "replay":
             body = answer[1]
             return Replay(body=body if isinstance(body, bytes) else body.encode())
@@ -381,19 +413,25 @@ class ConversationStore:
         default_budget: int,
         budget_scale: float,
         max_messages: int,
-    ) -> Started:
+        replace_from: int | None = None,
+        regenerate: bool = False,
+    ) -> Started | Refused:
         """The window's suffix and metadata as a turn would read them, without its lease."""
         keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
-        argument = orjson.dumps(
-            {
-                "peek": True,
-                "budget": default_budget,
-                "scale": budget_scale,
-                "max_messages": max_messages,
-            }
-        )
-        answer = await self._script("BEGIN_TURN", keys, [argument])
-        return Started(length=int(answer[1]), meta=_meta(answer[2]), window=_window(answer[3], ref))
+        fields: dict[str, Any] = {
+            "peek": True,
+            "budget": default_budget,
+            "scale": budget_scale,
+            "max_messages": max_messages,
+        }
+        if replace_from is not None:
+            fields["from"] = replace_from
+        if regenerate:
+            fields["regenerate"] = True
+        answer = await self._script("BEGIN_TURN", keys, [orjson.dumps(fields)])
+        if _text(answer[0]) == "invalid":
+            return Refused(_text(answer[1]))
+        return _started(answer, ref)
 
     async def commit_turn(
         self,
@@ -407,10 +445,13 @@ class ConversationStore:
         record: IdempotentRecord | None,
         model: str,
         factor: float | None,
+        rewrite_from: int | None = None,
     ) -> Literal["ok", "lost", "conflict"]:
         """Append the turn, update metadata, usage totals, index and TTL, store the idempotent
         response and release the lease: atomically, and only if the lease is still ours
-        (fencing). A changed correction `factor` for the tenant's `model` is written beside."""
+        (fencing). A changed correction `factor` for the tenant's `model` is written beside.
+        With `rewrite_from`, the log is cut back to before that seq first (redis_scripts'
+        rewrite_from: summaries, window start, generation), in the same script."""
         now = time.time()
         log = ref.key("log")
         idem_key = ref.key(f"idem:{record.idempotency.key_hash}") if record else log
@@ -423,9 +464,12 @@ class ConversationStore:
             idem_key,
             ref.key("idemkeys") if record else log,
             ref.index_key if index_inline else log,
+            ref.key("sumlock"),
         ]
+        rewrite = {} if rewrite_from is None else {"from": rewrite_from}
         argument = orjson.dumps(
             {
+                **rewrite,
                 "lock": lock_value,
                 "expected": expected_length,
                 "now": repr(now),
@@ -531,6 +575,10 @@ class ConversationStore:
         if not index_inline:
             await self._touch_index(ref, now)
         return created
+
+    async def touch_index(self, ref: ConversationRef, now: float) -> None:
+        """The tenant index beside a script's write, on a Cluster (see _touch_index)."""
+        await self._touch_index(ref, now)
 
     async def _touch_index(self, ref: ConversationRef, now: float) -> None:
         """On a Cluster the tenant index lives in another slot, written after the conversation.

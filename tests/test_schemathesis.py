@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import schemathesis
 import schemathesis.engine
@@ -119,11 +120,22 @@ def _encodable(value: Any) -> Any:
     return value
 
 
+def _json_lines(_context: Any, value: Any) -> bytes:
+    """An import's body: each item of the generated array on a line of its own."""
+    items = value if isinstance(value, list) else [value]
+    return b"".join(orjson.dumps(_encodable(item)) + b"\n" for item in items)
+
+
+schemathesis.serializer("application/jsonl")(_json_lines)
+
+
 def _within_unwritten_rules(_context: Any, case: Any) -> Any:
     """Rules a JSON Schema cannot state, applied to data meant to be valid: text is valid
     Unicode and integers fit in 64 bits, the last of several new messages is a user or tool
-    message, and an Idempotency-Key is reused only with the same body (each rule is tested on
-    its own elsewhere)."""
+    message, an Idempotency-Key is reused only with the same body, `replace_from` names a stored
+    user message (left out here), the first message it replaces with is a user message, and an
+    import's messages come with `seq` their position (each rule is tested on its own
+    elsewhere)."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return case
     case.body = body = _encodable(case.body)
@@ -131,6 +143,12 @@ def _within_unwritten_rules(_context: Any, case: Any) -> Any:
         last = body["messages"][-1]
         if isinstance(last, dict) and last.get("role") == "assistant":
             body["messages"].append({"role": "user", "content": "go on"})
+    if isinstance(body, dict):
+        body.pop("replace_from", None)
+    if isinstance(body, list):
+        for seq, line in enumerate(body[1:], start=1):
+            if isinstance(line, dict):
+                line["seq"] = seq
     if case.headers and "Idempotency-Key" in case.headers:
         case.headers["Idempotency-Key"] = uuid.uuid4().hex
     return case

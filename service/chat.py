@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -23,7 +21,6 @@ from service.errors import (
     ConversationBusy,
     ConversationNotFound,
     GatewayError,
-    IdempotencyKeyReused,
     IdempotentRequestInFlight,
     InvalidRequest,
     NothingToRegenerate,
@@ -38,6 +35,7 @@ from service.gateway import (
     parse_reply,
     record_upstream_time,
 )
+from service.idempotency import Idempotency, IdempotentRecord, lease_value, reused
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
 from service.models import ConversationMeta, JSONObject, Message, Role
@@ -46,8 +44,6 @@ from service.schemas import RegenerateCreate, TurnCreate, TurnParams
 from service.store import (
     ConversationRef,
     ConversationStore,
-    Idempotency,
-    IdempotentRecord,
     Mismatch,
     Refused,
     Replay,
@@ -130,13 +126,6 @@ class Plan:
     estimates: list[int]  # each forwarded message, in the gateway's units
     breakpoints: list[int]  # indexes of the messages given a cache breakpoint
     raw_estimate: int  # the forwarded array, in local estimate units
-
-
-def fingerprint(turn: TurnParams) -> str:
-    """The request body, canonical, without `stream` and `detach`: how the answer is delivered,
-    so a replay may ask for either form."""
-    body = turn.model_dump(mode="json", exclude={"stream", "detach"}, exclude_unset=True)
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class ChatService:
@@ -270,19 +259,11 @@ class ChatService:
         request_id: str,
     ) -> _Turn | Replay:
         """Wait for the lease (or a replay), then choose the window and build the payload."""
-        idempotency = None
-        if idempotency_key is not None:
-            idempotency = Idempotency(
-                key_hash=hashlib.sha256(idempotency_key.encode()).hexdigest()[:32],
-                fingerprint=fingerprint(request),
-            )
+        idempotency = Idempotency.of(idempotency_key, request)
         new_wire = [m.to_wire() for m in request.new_messages()]
         replace_from = request.replace_from if isinstance(request, TurnCreate) else None
         regenerate = isinstance(request, RegenerateCreate)
-        lock_value = (
-            f"{uuid.uuid4().hex}\n{idempotency.key_hash if idempotency else ''}\n"
-            f"{idempotency.fingerprint if idempotency else ''}"
-        )
+        lock_value = lease_value(idempotency)
         lease_ms = int(self._policy.lease_seconds * 1000)
         requested_model = request.model or self._policy.default_model
         scale = fetch_scale(self._store.cached_factor(ref.tenant, requested_model))
@@ -311,7 +292,7 @@ class ChatService:
             metrics.LOCK_WAIT.observe(time.monotonic() - waited)  # the longest waits count too
             raise
         if isinstance(begun, Mismatch):
-            raise IdempotencyKeyReused("this Idempotency-Key was used with another request body")
+            raise reused()
         if isinstance(begun, Refused):
             raise refusal(ref, begun, replace_from)
         if isinstance(begun, Replay):
@@ -593,7 +574,7 @@ class ChatService:
                 "the turn lost its lease before it could be stored; retry it",
                 headers={"Retry-After": "1"},
             )
-        metrics.TURNS.labels("committed").inc()
+        metrics.child(metrics.TURNS, "committed").inc()
         metrics.record_usage(turn.model, reply.usage)
         metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
         annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)

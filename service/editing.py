@@ -24,13 +24,13 @@ from service import limits
 from service.errors import (
     ConversationExists,
     ConversationNotFound,
-    IdempotencyKeyReused,
     InvalidRequest,
     LogRewritten,
     SeqBeyondLog,
     ServiceError,
     StoreUnavailable,
 )
+from service.idempotency import Idempotency, key_hash, reused
 from service.lease import wait_for_lease
 from service.log_edits import PAGE_SIZE, Created, LogEditStore, Outcome, Slice
 from service.models import ConversationMeta, JSONObject, Message, Role
@@ -41,7 +41,7 @@ from service.schemas import (
     ExportSummary,
     timestamp,
 )
-from service.store import ConversationRef, Idempotency, Waiting
+from service.store import ConversationRef, Waiting
 from service.tokens import message_tokens
 
 # What a fork carries over of the source's metadata: its settings. Usage totals, the summary
@@ -72,7 +72,7 @@ def idempotency(key: str | None, *request: Any) -> Idempotency | None:
     if key is None:
         return None
     return Idempotency(
-        key_hash=hashlib.sha256(key.encode()).hexdigest()[:32],
+        key_hash=key_hash(key),
         fingerprint=hashlib.sha256(orjson.dumps(list(request))).hexdigest(),
     )
 
@@ -90,7 +90,7 @@ def _fail(ref: ConversationRef, outcome: Outcome, *, seq: int | None = None) -> 
     if outcome == "exists":
         return ConversationExists(f"conversation {ref.id!r} exists already")
     if outcome == "mismatch":
-        return IdempotencyKeyReused("this Idempotency-Key was used with another request body")
+        return reused()
     return StoreUnavailable("the copy expired before it was complete; retry")
 
 

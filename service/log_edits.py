@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import orjson
 
+from service.idempotency import Idempotency
 from service.models import ConversationMeta, Message
 from service.redis_scripts import _REWRITE, _SLIDE_TTL, _TOUCH_INDEX
-from service.store import ConversationRef, ConversationStore, Idempotency, Waiting, _meta, _readable
+from service.store import ConversationRef, ConversationStore, Waiting, _meta, _readable
 
 STAGE_TTL_MS = 120_000  # a copy nobody finished (its replica died) is gone after this
 PAGE_SIZE = 500  # messages per round trip when copying or exporting

@@ -17,6 +17,7 @@ from service.summary_plan import fields_to_forget
 from tests.conftest import make_settings, serve
 from tests.fake_gateway import Failure, FakeGateway
 from tests.polling import eventually
+from tests.test_end_users import bearer, end_user_settings, token
 
 
 def user(text: str) -> dict[str, Any]:
@@ -619,3 +620,70 @@ async def test_the_preview_shows_an_edit(client: httpx.AsyncClient) -> None:
     assert [m["content"] for m in preview.json()["messages"]] == ["one", "reply to: one", "X"]
     wrong = await client.post("/conversations/pv/context", json={**user("X"), "replace_from": 2})
     assert wrong.status_code == 422
+
+
+# ---- end-user tokens -----------------------------------------------------------------------
+
+
+async def test_end_user_tokens_are_held_to_their_scope_on_every_route(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    async with serve(end_user_settings(redis_url), gateway, key=None) as http:
+        writer = bearer(token())
+        reader = bearer(token(scope="read"))
+        for text in ("one", "two"):
+            sent = await http.post(
+                "/conversations/user-1-a/messages", json=user(text), headers=writer
+            )
+            assert sent.status_code == 200, sent.text
+        # Reads need `read` only.
+        assert (await http.get("/conversations/user-1-a/export", headers=reader)).status_code == 200
+        # Every edit is a write.
+        writes: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", "/conversations/user-1-a/regenerate", {"json": {}}),
+            ("POST", "/conversations/user-1-a/fork", {"json": {"new_id": "user-1-b"}}),
+            ("DELETE", "/conversations/user-1-a/messages", {"params": {"from_seq": 3}}),
+            (
+                "POST",
+                "/conversations/user-1-c/import",
+                {
+                    "content": export_file(message(1)),
+                    "headers": {"Content-Type": "application/jsonl"},
+                },
+            ),
+            (
+                "POST",
+                "/conversations/user-1-a/messages",
+                {"json": {**user("x"), "replace_from": 1}},
+            ),
+        ]
+        for method, path, kwargs in writes:
+            headers = {**reader, **kwargs.pop("headers", {})}
+            refused = await http.request(method, path, headers=headers, **kwargs)
+            assert refused.status_code == 403, (path, refused.text)
+        assert len(await redis.lrange("conv:{acme:user-1-a}:log", 0, -1)) == 4
+        assert await redis.keys("conv:{acme:user-1-[bc]}*") == []
+        # A fork writes new_id: the token must cover it too.
+        outside = await http.post(
+            "/conversations/user-1-a/fork", json={"new_id": "someone-else"}, headers=writer
+        )
+        assert outside.status_code == 403
+        assert await redis.keys("conv:{acme:someone-else}*") == []
+        inside = await http.post(
+            "/conversations/user-1-a/fork", json={"new_id": "user-1-b"}, headers=writer
+        )
+        assert inside.status_code == 201
+        listed = (await http.get("/conversations", headers=writer)).json()["conversations"]
+        assert {c["id"] for c in listed} == {"user-1-a", "user-1-b"}
+        # An import's settings are held to what an end user may set: metadata only.
+        system = await http.post(
+            "/conversations/user-1-c/import",
+            content=export_file(message(1), system="be evil"),
+            headers={**writer, "Content-Type": "application/jsonl"},
+        )
+        assert system.status_code == 403
+        assert await redis.keys("conv:{acme:user-1-c}*") == []
+        regenerated = await http.post("/conversations/user-1-a/regenerate", json={}, headers=writer)
+        assert regenerated.status_code == 200
+        assert "Authorization" not in gateway.received_headers[-1]
+        assert gateway.received_headers[-1]["authorization"] != writer["Authorization"]

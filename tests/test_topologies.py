@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -413,3 +414,72 @@ async def test_a_detached_turn_is_journaled_and_replayed(
     assert status["message_count"] == 2
     assert (await topo_client.post("/conversations/away/cancel")).status_code == 409
     assert gateway.calls == 1
+
+
+@pytest.mark.parametrize("topology", ["cluster"], indirect=True)
+async def test_fork_across_slots_on_a_cluster(
+    topology: LocalCluster, topo_client: httpx.AsyncClient, topo_redis: Redis | RedisCluster
+) -> None:
+    """Source and copy in slots of different primaries: the copy is staged under the new id's
+    hash tag and created in one script there, with the index beside."""
+    assert isinstance(topo_redis, RedisCluster)
+    source, target = ConversationRef("acme", "src"), ConversationRef("acme", "fork-0")
+    for n in range(50):  # an id whose slot another primary owns
+        target = ConversationRef("acme", f"fork-{n}")
+        if topology.owner(topo_redis.keyslot(target.key("log"))) != topology.owner(
+            topo_redis.keyslot(source.key("log"))
+        ):
+            break
+    await topo_client.put("/conversations/src", json={"system": "brief"})
+    records = [
+        orjson.dumps(
+            {
+                "tokens": 2,
+                "seq": i + 1,
+                "role": "user" if i % 2 == 0 else "assistant",
+                "content": f"m{i + 1}",
+                "created_at": 1.0,
+            }
+        )
+        for i in range(1100)
+    ]
+    await topo_redis.rpush(source.key("log"), *records)
+    await topo_redis.rpush(source.key("tok"), *([2] * len(records)))
+    response = await topo_client.post(
+        "/conversations/src/fork", json={"new_id": target.id, "through_seq": 1001}
+    )
+    assert response.status_code == 201, response.text
+    assert await topo_redis.lrange(target.key("log"), 0, -1) == records[:1001]
+    assert await topo_redis.llen(target.key("tok")) == 1001
+    forked = (await topo_client.get(f"/conversations/{target.id}")).json()
+    assert (forked["system"], forked["message_count"]) == ("brief", 1001)
+    assert await topo_redis.zscore(target.index_key, target.id) is not None
+    again = await topo_client.post("/conversations/src/fork", json={"new_id": target.id})
+    assert again.status_code == 409
+    assert [key async for key in topo_redis.scan_iter(match="*:stage:*")] == []
+
+
+async def test_editing_on_each_topology(
+    topo_client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    await turn(topo_client, "ed", "one")
+    await turn(topo_client, "ed", "two")
+    gateway.reply_prefix = "again: "
+    regenerated = await topo_client.post("/conversations/ed/regenerate", json={})
+    assert regenerated.status_code == 200, regenerated.text
+    edited = await topo_client.post(
+        "/conversations/ed/messages",
+        json={**user("ONE"), "replace_from": 1, "stream": True},
+    )
+    assert edited.status_code == 200
+    exported = await topo_client.get("/conversations/ed/export")
+    imported = await topo_client.post(
+        "/conversations/ed2/import",
+        content=exported.content,
+        headers={"Content-Type": "application/jsonl"},
+    )
+    assert imported.status_code == 201, imported.text
+    cut = await topo_client.delete("/conversations/ed/messages", params={"from_seq": 2})
+    assert cut.json() == {"id": "ed", "message_count": 1, "generation": 3}
+    page = (await topo_client.get("/conversations/ed2/messages")).json()
+    assert [m["content"] for m in page["messages"]] == ["ONE", "again: ONE"]

@@ -4,6 +4,7 @@ never shrinking another tenant's window; and the trimming seams issue 17 found u
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -70,7 +71,8 @@ async def test_cached_tokens_are_kept_apart_and_the_correction_sees_the_whole_pr
     gateway.usage_shape = shape
     gateway.cached_share = 0.75
     gateway.written_share = 0.2 if shape == "anthropic" else 0.0
-    model = f"cache-{shape}-{stream}"  # a metric label of its own
+    # A metric label of its own (metrics are per process, and a run may repeat in one process).
+    model = f"cache-{shape}-{stream}-{uuid.uuid4().hex[:8]}"
     async with serve(make_settings(redis_url, token_budget=2000), gateway) as http:
         for i in range(3):
             response = await http.post(

@@ -169,21 +169,27 @@ async def test_the_budget_is_a_cap_as_the_gateway_counts_from_the_first_turn(
 ) -> None:
     """The README calls the budget a cap: every forwarded array, the first turn's included, is
     within it as the stand-in counts (~1 token per 3 characters, +7 per message, where the
-    service estimates ~1 per 4, +4), and the budget is still used, not wasted."""
+    service estimates ~1 per 4, +4), tool definitions included, plain and streamed turns alike,
+    and the budget is still used, not wasted."""
     budget = 600
     settings = make_settings(redis_url, token_budget=budget, trim_low_water=low_water)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "find " * 20}}]
     async with serve(settings, gateway) as http:
         for i in range(30):
-            response = await http.post(
-                "/conversations/cal/messages", json=user(f"turn {i}: " + "lorem ipsum dolor " * 8)
-            )
+            body = user(f"turn {i}: " + "lorem ipsum dolor " * 8)
+            if i % 3 == 1:
+                body["tools"] = tools
+            if i % 3 == 2:
+                body["stream"] = True
+            response = await http.post("/conversations/cal/messages", json=body)
             assert response.status_code == 200
-        counts = [gateway_tokens(body["messages"]) for body in gateway.received]
+        counts = [gateway_tokens(b["messages"], b.get("tools")) for b in gateway.received]
+        assert len(counts) == 30
         assert max(counts) <= budget, counts
         assert max(counts) > budget * 0.85, counts
-        if low_water == 1.0:  # sliding: every full window uses the budget
-            assert min(counts[10:]) > budget * 0.85, counts
-        assert response.json()["conversation"]["context"]["dropped_messages"] > 0
+        if low_water == 1.0:  # sliding: every full window is within a turn of the budget
+            turn = gateway_tokens(gateway.received[-1]["messages"][-1:]) * 2
+            assert min(counts[10:]) > budget - turn - gateway_tokens([], tools), counts
     factor = float(await redis.hget("conv:{acme}:calibration", "claude-sonnet-4-6") or 0)
     assert factor > 1.0  # shared through Redis for every replica
 
@@ -288,3 +294,36 @@ async def test_tool_results_continue_the_open_turn(
     assert response.status_code == 200
     roles = [m["role"] for m in gateway.received[-1]["messages"]]
     assert roles[-3:] == ["user", "assistant", "tool"]
+
+
+async def test_tool_results_pin_their_open_turn_under_a_tight_budget(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """The tool result overflows the window, so its start jumps; the open turn (a long question
+    and the assistant's tool call) is over the low-water share on its own, so a jump that did
+    not pin it to its results would leave them orphaned at the front (the gateway refuses that
+    with 400): it is forwarded whole, with them, within the budget, and the older turns left."""
+    budget = 1000
+    settings = make_settings(redis_url, token_budget=budget, trim_low_water=0.3)
+    question = "where is it? " + "context of the question " * 55  # ~450 tokens as counted
+    async with serve(settings, gateway) as http:
+        for i in range(3):
+            response = await http.post("/conversations/pin/messages", json=user(f"{i} " * 75))
+            assert response.status_code == 200
+        gateway.tool_calls = [
+            {"id": "c1", "type": "function", "function": {"name": "find", "arguments": "{}"}}
+        ]
+        response = await http.post("/conversations/pin/messages", json=user(question))
+        assert response.status_code == 200
+        gateway.tool_calls = None
+        assert response.json()["conversation"]["context"]["dropped_messages"] == 0
+        result = {"role": "tool", "tool_call_id": "c1", "content": "found it: " + "x " * 370}
+        response = await http.post("/conversations/pin/messages", json={"message": result})
+        assert response.status_code == 200, response.text
+    forwarded = gateway.received[-1]["messages"]
+    assert [m["role"] for m in forwarded] == ["user", "assistant", "tool"]
+    assert forwarded[0]["content"] == question
+    assert forwarded[1]["tool_calls"][0]["id"] == "c1"
+    assert gateway_tokens(forwarded) <= budget
+    assert response.json()["conversation"]["context"]["dropped_messages"] == 6
+    assert await redis.llen("conv:{acme:pin}:log") == 10

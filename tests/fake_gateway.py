@@ -58,7 +58,7 @@ def message_errors(messages: list[Any]) -> list[str]:
     result that answers no `tool_calls` of the assistant message before it, or an assistant's
     `tool_calls` not each answered by the tool messages right after it."""
     errors: list[str] = []
-    open_calls: set[str] | None = None  # ids the latest tool-calling assistant still awaits
+    open_calls: set[Any] | None = None  # ids the latest tool-calling assistant still awaits
     for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:

@@ -9,6 +9,7 @@ import aiohttp
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Connection, ConnectionPool, Redis
 
 from service.auth import Caller
@@ -22,8 +23,8 @@ from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
 from tests.polling import eventually
 
 
-def user(text: str) -> dict[str, Any]:
-    return {"message": {"role": "user", "content": text}}
+def user(text: str, **extra: Any) -> dict[str, Any]:
+    return {"message": {"role": "user", "content": text}, **extra}
 
 
 async def test_concurrent_turns_are_serialized(
@@ -109,6 +110,68 @@ async def test_concurrent_duplicates_make_one_call(
     assert sorted(r.status_code for r in responses) == [200] * 10
     assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 9
     assert await redis.llen("conv:{acme:d}:log") == 2
+
+
+def turns_by(outcome: str) -> float:
+    return REGISTRY.get_sample_value("convproxy_turns_total", {"outcome": outcome}) or 0.0
+
+
+async def test_while_a_keyed_turn_runs_its_duplicates_are_told_apart(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """While the first request with a key runs (its lease carries the key and body): the same
+    key with another body is 422 at once; the same request waits for it and, past
+    LOCK_WAIT_SECONDS, is 409 "still running"; an unkeyed turn is 409 "busy"."""
+    gateway.hold = asyncio.Event()
+    busy, in_flight = turns_by("busy"), turns_by("idempotent_in_flight")
+    async with serve(make_settings(redis_url, lock_wait_seconds=0.3), gateway) as http:
+        url, key = "/conversations/dup/messages", {"Idempotency-Key": "k-1"}
+        first = asyncio.create_task(http.post(url, json=user("one"), headers=key))
+        await eventually(lambda: gateway.calls == 1, what="the first call")
+        other_body = await http.post(url, json=user("two"), headers=key)
+        same = await http.post(url, json=user("one"), headers=key)
+        unkeyed = await http.post(url, json=user("three"))
+        gateway.hold.set()
+        assert (await first).status_code == 200
+    assert other_body.status_code == 422
+    assert other_body.json()["detail"] == "this Idempotency-Key was used with another request body"
+    assert same.status_code == 409
+    assert same.json()["type"] == "/problems/idempotency-in-flight"
+    assert same.json()["detail"] == "the first request with this Idempotency-Key is still running"
+    assert unkeyed.status_code == 409
+    assert unkeyed.json()["type"] == "/problems/conversation-busy"
+    assert unkeyed.json()["detail"] == "another turn of this conversation ran past 0.3 s"
+    assert same.headers["retry-after"] == unkeyed.headers["retry-after"] == "1"
+    assert (turns_by("busy"), turns_by("idempotent_in_flight")) == (busy + 1, in_flight + 1)
+    assert gateway.calls == 1
+    assert await redis.llen("conv:{acme:dup}:log") == 2
+
+
+async def test_a_key_is_its_own_and_the_body_is_compared_as_sent(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    """Two keys in one conversation keep two answers; a retry whose JSON objects list their
+    keys in another order is the same body (replayed); one that adds a field, even a null one,
+    is another (422)."""
+    url = "/conversations/keys/messages"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    reordered = [{"function": {"parameters": {"type": "object"}, "name": "f"}, "type": "function"}]
+    first = await client.post(url, json=user("one", tools=tools), headers={"Idempotency-Key": "a"})
+    second = await client.post(url, json=user("two"), headers={"Idempotency-Key": "b"})
+    assert first.status_code == second.status_code == 200
+    again = await client.post(
+        url, json=user("one", tools=reordered), headers={"Idempotency-Key": "a"}
+    )
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    replay = await client.post(url, json=user("two"), headers={"Idempotency-Key": "b"})
+    assert replay.json() == second.json()
+    with_null = await client.post(
+        url, json={**user("two"), "model": None}, headers={"Idempotency-Key": "b"}
+    )
+    assert with_null.status_code == 422
+    assert with_null.json()["type"] == "/problems/idempotency-key-reused"
+    assert gateway.calls == 2
 
 
 async def test_failed_idempotent_turn_releases_the_key(

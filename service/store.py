@@ -53,6 +53,7 @@ from service import metrics, redis_scripts
 from service.errors import StoreUnavailable
 from service.idempotency import Idempotency, IdempotentRecord
 from service.models import ConversationMeta, ConversationSummary, Message
+from service.redis_batch import CommandBatcher
 from service.tokens import PRIOR_FACTOR
 from service.usage import Usage
 
@@ -191,16 +192,19 @@ def _meta(pairs: Sequence[bytes | str] | dict[Any, Any]) -> ConversationMeta | N
 
 
 class _ClusterPipeline:
-    """A cluster pipeline that accepts EVALSHA. redis-py blocks `evalsha` on cluster pipelines
-    because it cannot know a script is loaded on every node; ours are (SCRIPT LOAD goes to all
-    primaries) and a NOSCRIPT reply reloads them, so the command is queued as is, routed by the
-    slot of its keys like any other."""
+    """A cluster pipeline that accepts EVALSHA and EVAL. redis-py blocks `evalsha` on cluster
+    pipelines because it cannot know a script is loaded on every node; ours are (SCRIPT LOAD goes
+    to all primaries) and a NOSCRIPT reply reloads them, so the command is queued as is, routed by
+    the slot of its keys like any other."""
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = pipe
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return self._pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    def eval(self, source: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return self._pipe.execute_command("EVAL", source, numkeys, *keys_and_args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
@@ -225,6 +229,8 @@ class ConversationStore:
         # redis-py's Cluster pools raise when a node's pool is full; one call uses at most one
         # connection per node, so at most `pool_size` calls at once never overfill one.
         self._gate = asyncio.Semaphore(pool_size) if cluster and pool_size else None
+        # Scripts of concurrent turns share round trips (service/redis_batch.py).
+        self._batcher = CommandBatcher(redis) if isinstance(redis, Redis) else None
         self._gate_timeout = pool_timeout_seconds
         self._ttl = conversation_ttl_seconds
         self._index_ttl = index_ttl_seconds
@@ -316,7 +322,9 @@ class ConversationStore:
         async def run() -> Any:
             if name not in self._sha:
                 await self.load_scripts()
-            return await self._redis.evalsha(self._sha[name], len(keys), *keys, *args)
+            if self._batcher is None:  # a Cluster routes each script by its keys' slot
+                return await self._redis.evalsha(self._sha[name], len(keys), *keys, *args)
+            return await self._batcher.execute("EVALSHA", self._sha[name], len(keys), *keys, *args)
 
         return await self._call(run)
 
@@ -485,14 +493,25 @@ class ConversationStore:
         calibration = ref.calibration_key
         known = self._factors.get(ref.tenant, (0.0, {}))[1]
 
+        base = known.get(model)
+
         def fill(pipe: Any) -> None:
             pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, argument)
-            pipe.hset(calibration, model, repr(factor))
-            if self._index_ttl > 0:
-                pipe.expire(calibration, self._index_ttl)
+            # EVAL, not EVALSHA: a NOSCRIPT here (another node, on a Cluster) would retry the
+            # whole pipeline, and with it a commit that already ran.
+            pipe.eval(
+                redis_scripts.SET_FACTOR,
+                1,
+                calibration,
+                model,
+                "" if base is None else repr(base),
+                repr(factor),
+                self._index_ttl,
+            )
 
-        if factor is not None and factor != known.get(model):
-            answer = (await self._pipeline(fill))[0]
+        if factor is not None and factor != base:
+            answer, stored = await self._pipeline(fill)
+            factor = float(stored)  # another replica's higher value may stand
         else:  # an unchanged correction needs no write: the script alone
             answer = await self._script("COMMIT_TURN", keys, [argument])
         outcome = _text(answer[0])

@@ -687,3 +687,33 @@ async def test_end_user_tokens_are_held_to_their_scope_on_every_route(
         assert regenerated.status_code == 200
         assert "Authorization" not in gateway.received_headers[-1]
         assert gateway.received_headers[-1]["authorization"] != writer["Authorization"]
+
+
+async def test_a_rewrite_makes_a_running_summary_job_stale(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    """A summary job that read messages a rewrite removes must not store its summary: the
+    rewrite moves the compare-and-set base (summary_version) while the job holds its lease."""
+    await turns(client, "sj", "one", "two")
+    await redis.hset(meta_key("sj"), mapping={"summary_text": "s", "summary_through": "2"})
+    await redis.hset(meta_key("sj"), "summary_version", "3")
+    await redis.set("conv:{acme:sj}:sumlock", "a job", px=10_000)
+    await client.delete("/conversations/sj/messages", params={"from_seq": 3})
+    assert await redis.hget(meta_key("sj"), "summary_version") == b"4"
+    assert await redis.hget(meta_key("sj"), "summary_text") == b"s"  # covers 1-2: kept
+    await redis.delete("conv:{acme:sj}:sumlock")
+    await client.delete("/conversations/sj/messages", params={"from_seq": 2})
+    assert await redis.hget(meta_key("sj"), "summary_version") is None  # no job: just forgotten
+
+
+async def test_a_detached_edit_runs_to_its_end(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    await turns(client, "de", "one", "two")
+    response = await client.post(
+        "/conversations/de/messages",
+        json={**user("TWO"), "replace_from": 3, "stream": True, "detach": True},
+    )
+    assert response.status_code == 200
+    assert b"data: [DONE]" in response.content
+    assert await contents(client, "de") == ["one", "reply to: one", "TWO", "reply to: TWO"]

@@ -10,15 +10,13 @@ from fastapi.responses import StreamingResponse
 
 from service.deps import (
     CallerDep,
-    ChatDep,
     ConversationDep,
-    DetachedDep,
     EditingDep,
     IdempotencyKeyDep,
     RegenerateDep,
-    RequestIdDep,
     SettingsDep,
     StoreDep,
+    TurnServicesDep,
     checked_update,
 )
 from service.editing import parse_import
@@ -51,24 +49,12 @@ async def regenerate(
     body: RegenerateDep,
     ref: ConversationDep,
     caller: CallerDep,
-    chat: ChatDep,
-    detached: DetachedDep,
-    store: StoreDep,
-    request_id: RequestIdDep,
+    services: TurnServicesDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
     """A new completion for the history up to the last user message, replacing every message
     after it, committed atomically once the gateway answered (until then the old reply stays)."""
-    return await answer_turn(
-        body,
-        ref,
-        caller=caller,
-        chat=chat,
-        detached=detached,
-        store=store,
-        request_id=request_id,
-        idempotency_key=idempotency_key,
-    )
+    return await answer_turn(body, ref, caller, services, idempotency_key)
 
 
 @router.post(

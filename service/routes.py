@@ -12,7 +12,6 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.auth import Caller
-from service.chat import ChatService
 from service.config import Settings
 from service.deps import (
     CallerDep,
@@ -21,13 +20,13 @@ from service.deps import (
     DetachedDep,
     EditsDep,
     IdempotencyKeyDep,
-    RequestIdDep,
     SettingsDep,
     StoreDep,
     TurnDep,
+    TurnServices,
+    TurnServicesDep,
     UpdateDep,
 )
-from service.detached import DetachedTurns
 from service.errors import ConversationNotFound, LogRewritten, StoreUnavailable
 from service.log_edits import Page
 from service.schemas import (
@@ -75,40 +74,25 @@ async def post_turn(
     body: TurnDep,
     ref: ConversationDep,
     caller: CallerDep,
-    chat: ChatDep,
-    detached: DetachedDep,
-    store: StoreDep,
-    request_id: RequestIdDep,
+    services: TurnServicesDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
-    return await answer_turn(
-        body,
-        ref,
-        caller=caller,
-        chat=chat,
-        detached=detached,
-        store=store,
-        request_id=request_id,
-        idempotency_key=idempotency_key,
-    )
+    return await answer_turn(body, ref, caller, services, idempotency_key)
 
 
 async def answer_turn(
     body: TurnParams,
     ref: ConversationRef,
-    *,
     caller: Caller,
-    chat: ChatService,
-    detached: DetachedTurns,
-    store: ConversationStore,
-    request_id: str,
+    services: TurnServices,
     idempotency_key: str | None,
 ) -> Response:
     """A turn's (or a regenerate's) answer: JSON, or SSE with `stream`; the end user's index
     is written once the turn is stored."""
+    chat, store, request_id = services.chat, services.store, services.request_id
     if body.stream:
         if isinstance(body, TurnCreate) and body.detach:
-            events, replayed = await detached.start(
+            events, replayed = await services.detached.start(
                 ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
             )
         else:

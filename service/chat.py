@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -182,12 +182,16 @@ class ChatService:
         caller: Caller,
         request_id: str,
         idempotency_key: str | None,
+        on_open: Callable[[JSONObject], None] | None = None,
     ) -> tuple[AsyncIterator[bytes], bool]:
         """Open a streamed turn. Errors up to the gateway's first byte raise here; the returned
         iterator relays the chunks, commits at the end, and stores nothing if cut short.
-        The flag says whether this is an idempotent replay."""
+        The flag says whether this is an idempotent replay. `on_open` is given the
+        `conversation` object as known before the first byte (for response headers)."""
         opened = await self._open(ref, request, idempotency_key, caller, request_id)
         if isinstance(opened, Replay):
+            if on_open is not None:
+                on_open(orjson.loads(opened.body).get("conversation") or {})
             return _replay_as_sse(opened.body), True
         try:
             upstream = await self._gateway.open_stream(
@@ -199,6 +203,8 @@ class ChatService:
         except BaseException:
             await self._abandon(opened)
             raise
+        if on_open is not None:
+            on_open(_conversation(opened))
         return self._relay(opened, upstream), False
 
     async def _relay(self, turn: _Turn, upstream: UpstreamStream) -> AsyncIterator[bytes]:
@@ -514,19 +520,10 @@ class ChatService:
             )
             for i, wire in enumerate(wires)
         ]
-        conversation = {
-            "id": turn.ref.id,
-            "message_count": turn.started.length + len(records),
-            "context": {
-                "messages": len(turn.payload["messages"]),
-                "estimated_tokens": turn.window.estimated_tokens,
-                "dropped_messages": turn.window.dropped_messages,
-                "token_budget": turn.budget,
-                "window_start": turn.window.start,
-                "cache_read_input_tokens": reply.usage.cache_read,
-                "cache_creation_input_tokens": reply.usage.cache_write,
-                **turn_context(turn.summary, turn.first_seq),
-            },
+        conversation = _conversation(turn)
+        conversation["context"] |= {
+            "cache_read_input_tokens": reply.usage.cache_read,
+            "cache_creation_input_tokens": reply.usage.cache_write,
         }
         body = orjson.dumps({**completion, "conversation": conversation})
         meta_updates: dict[str, str] = {}
@@ -591,6 +588,23 @@ class ChatService:
         metrics.TURNS.labels("failed").inc()
         with contextlib.suppress(ServiceError):
             await self._store.release(turn.ref, turn.lock_value)
+
+
+def _conversation(turn: _Turn) -> JSONObject:
+    """The `conversation` object of a turn's answer, as far as it is known before the gateway
+    answers: a turn stores its new messages and one reply."""
+    return {
+        "id": turn.ref.id,
+        "message_count": turn.started.length + len(turn.new_messages) + 1,
+        "context": {
+            "messages": len(turn.payload["messages"]),
+            "estimated_tokens": turn.window.estimated_tokens,
+            "dropped_messages": turn.window.dropped_messages,
+            "token_budget": turn.budget,
+            "window_start": turn.window.start,
+            **turn_context(turn.summary, turn.first_seq),
+        },
+    }
 
 
 async def _replay_as_sse(body: bytes) -> AsyncIterator[bytes]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -22,7 +20,6 @@ from service.catalog import ModelCatalog, catalog_budget
 from service.errors import (
     ConversationBusy,
     GatewayError,
-    IdempotencyKeyReused,
     IdempotentRequestInFlight,
     OverTokenBudget,
     ServiceError,
@@ -34,6 +31,7 @@ from service.gateway import (
     parse_reply,
     record_upstream_time,
 )
+from service.idempotency import Idempotency, IdempotentRecord, lease_value, reused
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
 from service.models import ConversationMeta, JSONObject, Message, Role
@@ -42,8 +40,6 @@ from service.schemas import TurnCreate
 from service.store import (
     ConversationRef,
     ConversationStore,
-    Idempotency,
-    IdempotentRecord,
     Mismatch,
     Replay,
     Started,
@@ -121,13 +117,6 @@ class Plan:
     estimates: list[int]  # each forwarded message, in the gateway's units
     breakpoints: list[int]  # indexes of the messages given a cache breakpoint
     raw_estimate: int  # the forwarded array, in local estimate units
-
-
-def fingerprint(turn: TurnCreate) -> str:
-    """The request body, canonical, without `stream` and `detach`: how the answer is delivered,
-    so a replay may ask for either form."""
-    body = turn.model_dump(mode="json", exclude={"stream", "detach"}, exclude_unset=True)
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class ChatService:
@@ -267,17 +256,9 @@ class ChatService:
         request_id: str,
     ) -> _Turn | Replay:
         """Wait for the lease (or a replay), then choose the window and build the payload."""
-        idempotency = None
-        if idempotency_key is not None:
-            idempotency = Idempotency(
-                key_hash=hashlib.sha256(idempotency_key.encode()).hexdigest()[:32],
-                fingerprint=fingerprint(request),
-            )
+        idempotency = Idempotency.of(idempotency_key, request)
         new_wire = [m.to_wire() for m in request.new_messages()]
-        lock_value = (
-            f"{uuid.uuid4().hex}\n{idempotency.key_hash if idempotency else ''}\n"
-            f"{idempotency.fingerprint if idempotency else ''}"
-        )
+        lock_value = lease_value(idempotency)
         lease_ms = int(self._policy.lease_seconds * 1000)
         requested_model = request.model or self._policy.default_model
         scale = fetch_scale(self._store.cached_factor(ref.tenant, requested_model))
@@ -304,7 +285,7 @@ class ChatService:
             metrics.LOCK_WAIT.observe(time.monotonic() - waited)  # the longest waits count too
             raise
         if isinstance(begun, Mismatch):
-            raise IdempotencyKeyReused("this Idempotency-Key was used with another request body")
+            raise reused()
         if isinstance(begun, Replay):
             metrics.TURNS.labels("replayed").inc()
             return begun

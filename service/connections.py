@@ -14,22 +14,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import get_settings
-from service.errors import problem_body
+from service.errors import RequestTimeout, problem_bytes
 
 
 def _timeout_response(limit: float) -> bytes:
-    body = orjson.dumps(
-        problem_body(
-            408,
-            "Request timeout",
-            f"the request's headers did not arrive within {limit:g} s",
-            "request-timeout",
-        )
-    )
+    body = problem_bytes(RequestTimeout(f"the request's headers did not arrive within {limit:g} s"))
     head = (
         b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/problem+json\r\n"
         b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"

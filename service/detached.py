@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -31,8 +30,9 @@ import anyio
 
 from service import metrics
 from service.auth import Caller
-from service.chat import ChatService, fingerprint
-from service.errors import IdempotencyKeyReused, ServiceError
+from service.chat import ChatService
+from service.errors import ServiceError
+from service.idempotency import Idempotency, fingerprint, key_hash
 from service.models import JSONObject
 from service.schemas import TurnCreate, TurnStatus
 from service.store import ConversationRef
@@ -90,10 +90,6 @@ class _Running:
     reason: str = field(default="")
 
 
-def _key_hash(idempotency_key: str) -> str:
-    return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
-
-
 def _error_event(error: ServiceError) -> bytes:
     return sse_event("error", {"error": error.problem()})
 
@@ -145,15 +141,16 @@ class DetachedTurns:
         """Start a detached turn (or attach to the one this Idempotency-Key started) and follow
         it from its first event. Errors up to the gateway's first byte raise here, as for any
         turn. The flag says whether this is a replay or an attachment."""
-        idem = _key_hash(idempotency_key) if idempotency_key else ""
         body_fingerprint = fingerprint(request)
+        idem = key_hash(idempotency_key) if idempotency_key else ""
         if idem:
+            idempotency = Idempotency(idem, body_fingerprint)
             current = await self._journal.pointer(ref)
-            if current is not None and current.state == "running" and current.idem == idem:
-                if current.fingerprint != body_fingerprint:
-                    raise IdempotencyKeyReused(
-                        "this Idempotency-Key was used with another request body"
-                    )
+            if (
+                current is not None
+                and current.state == "running"
+                and idempotency.is_running_as(current.idem, current.fingerprint)
+            ):
                 return self.follow(ref, current.id, after=0), True
         turn_id = uuid.uuid4().hex[:16]
         # Before the lease: readers may wait on the turn from its first moment. A turn that

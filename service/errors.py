@@ -1,13 +1,16 @@
-"""The ServiceError hierarchy and the handlers that render every error as problem+json."""
+"""The ServiceError hierarchy and the one renderer of problem+json: every error answer, whether
+built by a route, a handler, the ASGI middleware or the HTTP protocol, is a ServiceError encoded
+by `problem_bytes`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
@@ -35,7 +38,62 @@ class ServiceError(Exception):
         return self.status_override or self.status
 
     def problem(self) -> dict[str, Any]:
-        return problem_body(self.status_code, self.title, self.detail, self.slug)
+        """The RFC 9457 body; `about:blank` for plain HTTP errors that need no type of their own."""
+        kind = self.slug if self.slug == "about:blank" else f"/problems/{self.slug}"
+        status, detail = self.status_code, self.detail
+        return {"type": kind, "title": self.title, "status": status, "detail": detail}
+
+
+class MalformedJson(ServiceError):
+    status = 400
+    title = "Malformed JSON"
+    slug = "malformed-json"
+
+    def __init__(self) -> None:
+        super().__init__("the body is not valid JSON")
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    title = "Request timeout"
+    slug = "request-timeout"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    title = "Payload too large"
+    slug = "payload-too-large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    title = "Unsupported media type"
+    slug = "unsupported-media-type"
+
+
+class Overloaded(ServiceError):
+    status = 503
+    title = "Overloaded"
+    slug = "overloaded"
+
+
+class RouteNotFound(ServiceError):
+    status = 404
+    title = "Not found"
+    slug = "about:blank"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    title = "Method not allowed"
+    slug = "about:blank"
+
+
+class HttpError(ServiceError):
+    """Any other status Starlette raises by itself; the instance carries the status."""
+
+    title = "HTTP error"
+    slug = "about:blank"
 
 
 class InvalidRequest(ServiceError):
@@ -124,23 +182,16 @@ class StoreUnavailable(ServiceError):
     slug = "store-unavailable"
 
 
-def problem_body(status: int, title: str, detail: str, slug: str = "about:blank") -> dict[str, Any]:
-    kind = slug if slug == "about:blank" else f"/problems/{slug}"
-    return {"type": kind, "title": title, "status": status, "detail": detail}
+def problem_bytes(error: ServiceError) -> bytes:
+    return orjson.dumps(error.problem())
 
 
-def problem_response(
-    status: int,
-    title: str,
-    detail: str,
-    slug: str = "about:blank",
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        problem_body(status, title, detail, slug),
-        status_code=status,
+def problem_response(error: ServiceError) -> Response:
+    return Response(
+        problem_bytes(error),
+        status_code=error.status_code,
         media_type=PROBLEM_JSON,
-        headers=headers,
+        headers=error.headers,
     )
 
 
@@ -167,31 +218,36 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     """Problem+json for every error; `routes` are the app's own, for 405's Allow header."""
 
     @app.exception_handler(ServiceError)
-    async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(
-            exc.problem(), status_code=exc.status_code, media_type=PROBLEM_JSON, headers=exc.headers
-        )
+    async def service_error(_request: Request, exc: ServiceError) -> Response:
+        return problem_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
-        if malformed:
-            return problem_response(
-                400, "Malformed JSON", "the body is not valid JSON", "malformed-json"
-            )
-        return problem_response(422, "Invalid request", _validation_detail(exc), "invalid-request")
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return problem_response(MalformedJson())
+        return problem_response(InvalidRequest(_validation_detail(exc)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers or {})
-        if exc.status_code == 400:  # FastAPI could not read the body as JSON at all
-            return problem_response(
-                400, "Malformed JSON", "the body is not valid JSON", "malformed-json"
-            )
-        if exc.status_code == 413:
-            return problem_response(413, "Payload too large", str(exc.detail), "payload-too-large")
-        if exc.status_code == 405:  # every method of the path, not only the first route's
-            headers["Allow"] = ", ".join(_allowed_methods(routes, request.url.path))
-        titles = {404: "Not found", 405: "Method not allowed", 408: "Request timeout"}
-        title = titles.get(exc.status_code, "HTTP error")
-        return problem_response(exc.status_code, title, str(exc.detail), headers=headers)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return problem_response(_from_http_exception(exc, routes, request.url.path))
+
+
+def _from_http_exception(
+    exc: StarletteHTTPException, routes: Sequence[BaseRoute], path: str
+) -> ServiceError:
+    headers = dict(exc.headers or {})
+    detail = str(exc.detail)
+    match exc.status_code:
+        case 400:  # FastAPI could not read the body as JSON at all
+            return MalformedJson()
+        case 404:
+            return RouteNotFound(detail, headers=headers)
+        case 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(_allowed_methods(routes, path))
+            return MethodNotAllowed(detail, headers=headers)
+        case 408:
+            return RequestTimeout(detail, headers=headers)
+        case 413:
+            return PayloadTooLarge(detail, headers=headers)
+        case status:
+            return HttpError(detail, headers=headers, status=status)

@@ -12,12 +12,18 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import problem_body
+from service.errors import (
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    UnsupportedMediaType,
+    problem_bytes,
+)
 from service.logs import begin_request
 
 log = logging.getLogger("service.access")
@@ -149,14 +155,8 @@ class RequestMiddleware:
 
         if self._in_flight >= self.max_concurrency and scope["path"] not in _UNCAPPED:
             metrics.OVERLOADED.inc()
-            await self._problem(
-                send_wrapper,
-                [*cors, (b"retry-after", b"1")],
-                503,
-                "Overloaded",
-                f"this replica is serving {self.max_concurrency} requests (MAX_CONCURRENCY)",
-                "overloaded",
-            )
+            busy = f"this replica is serving {self.max_concurrency} requests (MAX_CONCURRENCY)"
+            await self._problem(send_wrapper, cors, Overloaded(busy, headers={"Retry-After": "1"}))
             self._record(scope, fields, request_id, status, time.perf_counter() - started)
             return
         self._in_flight += 1
@@ -166,68 +166,44 @@ class RequestMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise BodyTooLarge(self.max_body_bytes)
             if scope["method"] in ("POST", "PUT") and not _json_or_unset(headers):
-                await self._problem(
-                    send_wrapper,
-                    cors,
-                    415,
-                    "Unsupported media type",
-                    "send the body as application/json",
-                    "unsupported-media-type",
-                )
+                json_only = UnsupportedMediaType("send the body as application/json")
+                await self._problem(send_wrapper, cors, json_only)
                 return
             await self.app(scope, receive_wrapper, send_wrapper)
         except BodyTooLarge:
             if response_started:
                 raise
-            await self._problem(
-                send_wrapper,
-                cors,
-                413,
-                "Payload too large",
-                f"the body is over {self.max_body_bytes} bytes",
-                "payload-too-large",
-            )
+            too_large = PayloadTooLarge(f"the body is over {self.max_body_bytes} bytes")
+            await self._problem(send_wrapper, cors, too_large)
         except BodyTimeout as exc:
             if response_started:
                 raise
-            await self._problem(
-                send_wrapper, cors, 408, "Request timeout", exc.detail, "request-timeout"
-            )
+            await self._problem(send_wrapper, cors, RequestTimeout(exc.detail))
         except Exception:
             log.exception("unhandled error", extra={"request_id": request_id})
             if response_started:
                 raise
-            await self._problem(
-                send_wrapper,
-                cors,
-                500,
-                "Internal error",
-                "an unexpected error occurred",
-                "internal-error",
-            )
+            await self._problem(send_wrapper, cors, ServiceError("an unexpected error occurred"))
         finally:
             self._in_flight -= 1
             metrics.IN_FLIGHT.dec()
             self._record(scope, fields, request_id, status, time.perf_counter() - started)
 
     @staticmethod
-    async def _problem(
-        send: Send,
-        cors: list[tuple[bytes, bytes]],
-        status: int,
-        title: str,
-        detail: str,
-        slug: str,
-    ) -> None:
-        body = orjson.dumps(problem_body(status, title, detail, slug))
+    async def _problem(send: Send, cors: list[tuple[bytes, bytes]], error: ServiceError) -> None:
+        """Answers built here, outside the app (and its CORS middleware); the connection closes,
+        since the request's body may be unread."""
+        body = problem_bytes(error)
+        headers = [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
         await send(
             {
                 "type": "http.response.start",
-                "status": status,
+                "status": error.status_code,
                 "headers": [
                     (b"content-type", b"application/problem+json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *headers,
                     *cors,
                 ],
             }

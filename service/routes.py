@@ -32,10 +32,7 @@ from service.schemas import (
     ConversationPublic,
     MessagePage,
     MessagePublic,
-    SummaryPublic,
     TurnPublic,
-    Usage,
-    timestamp,
 )
 from service.store import ConversationRef, ConversationStore
 from service.streaming import DONE
@@ -181,17 +178,7 @@ async def list_conversations(
         keep=end_user.allows if end_user else None,
     )
     return ConversationList(
-        conversations=[
-            ConversationListItem(
-                id=s.id,
-                created_at=timestamp(s.meta.created_at),
-                updated_at=timestamp(s.meta.updated_at),
-                message_count=s.message_count,
-                model=s.meta.model,
-                metadata=s.meta.metadata,
-            )
-            for s in items
-        ],
+        conversations=[ConversationListItem.from_summary(s) for s in items],
         next_cursor=_encode_cursor(next_cursor) if next_cursor else None,
     )
 
@@ -223,34 +210,7 @@ async def _public(
     summary = await store.summary(ref)
     if summary is None:
         raise ConversationNotFound(f"no conversation {ref.id!r}")
-    meta = summary.meta
-    return ConversationPublic(
-        id=ref.id,
-        created_at=timestamp(meta.created_at),
-        updated_at=timestamp(meta.updated_at),
-        message_count=summary.message_count,
-        model=meta.model,
-        system=meta.system,
-        token_budget=meta.token_budget or settings.token_budget,
-        usage=Usage(
-            input_tokens=meta.input_tokens,
-            output_tokens=meta.output_tokens,
-            uncached_input_tokens=meta.uncached_input_tokens,
-            cache_read_input_tokens=meta.cache_read_input_tokens,
-            cache_creation_input_tokens=meta.cache_creation_input_tokens,
-        ),
-        metadata=meta.metadata,
-        ttl_seconds=(
-            meta.ttl_seconds if meta.ttl_seconds is not None else settings.conversation_ttl_seconds
-        ),
-        summary=SummaryPublic.from_meta(
-            meta,
-            default_enabled=settings.summary == "on",
-            default_model=settings.summary_model,
-        ),
-        trim_low_water=meta.trim_low_water or settings.trim_low_water,
-        window_start=meta.window_start or 1,
-    )
+    return ConversationPublic.from_summary(summary, settings)
 
 
 def _encode_cursor(cursor: tuple[float, str]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -18,8 +18,11 @@ from pydantic import (
 )
 
 from service import limits
-from service.models import ConversationMeta, JSONObject, Message
+from service.models import ConversationMeta, ConversationSummary, JSONObject, Message
 from service.summary_plan import summaries_enabled, summary_state
+
+if TYPE_CHECKING:  # config imports the end-user rules, which import these schemas
+    from service.config import Settings
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_METADATA_BYTES = limits.MAX_METADATA_BYTES
@@ -455,6 +458,40 @@ class ConversationPublic(BaseModel):
     window_start: int  # the seq the forwarded history begins at (1: the beginning)
     turn: TurnStatus | None = None  # the running turn, else the latest detached one
 
+    @classmethod
+    def from_summary(cls, summary: ConversationSummary, settings: Settings) -> ConversationPublic:
+        """The stored record, with the settings' defaults where the conversation sets none."""
+        meta = summary.meta
+        return cls(
+            id=summary.id,
+            created_at=timestamp(meta.created_at),
+            updated_at=timestamp(meta.updated_at),
+            message_count=summary.message_count,
+            model=meta.model,
+            system=meta.system,
+            token_budget=meta.token_budget or settings.token_budget,
+            usage=Usage(
+                input_tokens=meta.input_tokens,
+                output_tokens=meta.output_tokens,
+                uncached_input_tokens=meta.uncached_input_tokens,
+                cache_read_input_tokens=meta.cache_read_input_tokens,
+                cache_creation_input_tokens=meta.cache_creation_input_tokens,
+            ),
+            metadata=meta.metadata,
+            ttl_seconds=(
+                meta.ttl_seconds
+                if meta.ttl_seconds is not None
+                else settings.conversation_ttl_seconds
+            ),
+            summary=SummaryPublic.from_meta(
+                meta,
+                default_enabled=settings.summary == "on",
+                default_model=settings.summary_model,
+            ),
+            trim_low_water=meta.trim_low_water or settings.trim_low_water,
+            window_start=meta.window_start or 1,
+        )
+
 
 class ConversationListItem(BaseModel):
     id: str
@@ -463,6 +500,18 @@ class ConversationListItem(BaseModel):
     message_count: int
     model: str | None
     metadata: JSONObject | None
+
+    @classmethod
+    def from_summary(cls, summary: ConversationSummary) -> ConversationListItem:
+        meta = summary.meta
+        return cls(
+            id=summary.id,
+            created_at=timestamp(meta.created_at),
+            updated_at=timestamp(meta.updated_at),
+            message_count=summary.message_count,
+            model=meta.model,
+            metadata=meta.metadata,
+        )
 
 
 class ConversationList(BaseModel):

@@ -13,6 +13,7 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:sumlock    the summary job's lease (service/summary_store.py)
   conv:{T:I}:lock       the turn lease: "<token>\\n<idempotency key hash>\\n<fingerprint>"
   conv:{T:I}:idem:<h>   a finished idempotent turn: "<fingerprint>\\n<response JSON>"
+                        (both formats: service/idempotency.py)
   conv:{T:I}:idemkeys   set of the idem keys above, so DELETE can remove them
 Per tenant: conv:{T}:index, a sorted set of conversation ids by last activity (epoch seconds),
 expiring MAX_CONVERSATION_TTL_SECONDS after its last write; conv:{T}:user:<hash of sub>:index,
@@ -49,6 +50,7 @@ from redis.exceptions import (
 
 from service import metrics, redis_scripts
 from service.errors import StoreUnavailable
+from service.idempotency import Idempotency, IdempotentRecord
 from service.models import ConversationMeta, ConversationSummary, Message
 from service.tokens import PRIOR_FACTOR
 from service.usage import Usage
@@ -87,12 +89,6 @@ def user_index_key(tenant: str, sub: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Idempotency:
-    key_hash: str
-    fingerprint: str  # 64 hex characters
-
-
-@dataclass(frozen=True, slots=True)
 class Started:
     length: int
     meta: ConversationMeta | None
@@ -116,12 +112,6 @@ class Mismatch:
 
 
 BeginResult = Started | Waiting | Replay | Mismatch
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotentRecord:
-    idempotency: Idempotency
-    body: bytes
 
 
 def _text(value: bytes | str) -> str:
@@ -431,9 +421,7 @@ class ConversationStore:
                 "now": repr(now),
                 "ttl": self._ttl,
                 "idem": record is not None,
-                "idem_record": (
-                    record.idempotency.fingerprint + "\n" + record.body.decode() if record else ""
-                ),
+                "idem_record": record.encoded() if record else "",
                 "idem_ttl": self._idem_ttl,
                 "index": index_inline,
                 "member": ref.id,

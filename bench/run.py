@@ -23,12 +23,13 @@ from typing import Any
 import orjson
 from redis import Redis
 
-from bench import litellm, long_conversation, upstreams
+from bench import litellm, long_conversation, reference, upstreams
 from bench.procs import (
     LOAD_CORE,
     SERVICE_CORE,
     Proc,
     busy_cores,
+    cpu_seconds,
     ensure_tools,
     free_port,
     machine,
@@ -38,7 +39,15 @@ from bench.procs import (
     wait_port,
 )
 from bench.seed import seed
-from bench.upstreams import MODEL, TOKEN_BUDGET, USER_TEXT, WINDOW_MESSAGES
+from bench.upstreams import (
+    MODEL,
+    TOKEN_BUDGET,
+    USER_TEXT,
+    WIDE_PATH,
+    WIDE_WINDOW_MESSAGES,
+    WINDOW_MESSAGES,
+    token_budget,
+)
 from bench.wrk import WrkResult, post_script, run_wrk, turn_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,8 +56,14 @@ TENANT = "bench"
 CLIENT_KEY = "bench-client-key-0123456789"
 UPSTREAM_KEY = "bench-upstream-key"
 POOL = 4000  # conversations for the 20-message runs (round-robin: never two turns at once)
+WIDE_POOL = 1000  # conversations of 200 stored messages
 HISTORY_SMALL, HISTORY_LARGE = 10, 10_000
 SLOW_DELAY = 0.5
+# The features-on figure: a Claude model name (cache breakpoints placed from CACHE_MIN_TOKENS)
+# and summaries on, in conversations whose own budget is far from reached (no summary is due).
+CLAUDE_MODEL = "claude-sonnet-4-6"
+FEATURE_BUDGET = "8000"
+FEATURE_MIN_TOKENS = 256  # a 21-message array (~500 tokens) gets its breakpoints
 
 
 @dataclass
@@ -58,16 +73,50 @@ class Row:
     service: str = "not measured"
     passed: bool | None = None
     litellm: str = "n/a (stateless)"
+    reference: str = ""  # the bench's reference turn (bench/reference.py), same run
+    ratio: str = ""  # the service's figure against the reference (or the row's own base)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One target's share of interleaved runs: medians over rounds, CPU per answered turn."""
+
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us: float  # user+sys of the pinned process, over every round, per ok turn
+
+    def text(self) -> str:
+        return (
+            f"{self.per_second:,.0f}/s, p50 {self.p50_ms:.2f} / p99 {self.p99_ms:.2f} ms, "
+            f"errors {self.errors}"
+        )
 
 
 ROWS = {
-    "latency": ("Added latency, 1 connection (p50 / p99)", "p50 <= 1.0 ms, p99 <= 2.5 ms"),
+    "latency": (
+        "Added latency, 1 connection (p50 / p99), 21-message windows",
+        "p50 <= ref + 0.2 ms, p99 <= ref + 0.5 ms",
+    ),
     "throughput": (
-        "Throughput, 32 connections, 20-message windows, 1 worker",
-        ">= 1,500 turns/s, 0 errors",
+        "Throughput, 32 connections, 21-message windows, 1 worker",
+        ">= 1.2x ref, 0 errors",
+    ),
+    "cpu": ("CPU per turn (user+sys / turns), 32 connections", "<= 1.0x ref"),
+    "wide": (
+        "Throughput, 32 connections, 200-message windows",
+        ">= 0.5x the 21-message figure, 0 errors",
+    ),
+    "features": (
+        "Features on: Claude model (cache breakpoints), summaries on but not due",
+        ">= 0.95x features off, 0 errors",
     ),
     "history": ("History independence: p50 at 10,000 stored minus at 10", "<= 0.5 ms"),
-    "in_flight": ("In flight: 500 connections, upstream waits 500 ms", "0 errors, >= 900 turns/s"),
+    "in_flight": (
+        "In flight: 500 connections, upstream waits 500 ms",
+        ">= 0.95x the upstream alone, 0 errors",
+    ),
     "round_trips": ("Redis round trips per uncontended turn", "<= 2"),
     "memory": ("Redis memory: bytes per stored message beyond its JSON", "<= 100"),
     "summary_landed": (
@@ -94,8 +143,10 @@ class Bench:
     )
     target: Proc | None = None  # the proxy under test: checked after every run
     main: tuple[Proc, int] | None = None  # the service on nginx
+    ref: tuple[Proc, int] | None = None  # the reference on nginx, 21-message windows
     failures: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    main_load: Load | None = None  # the service's 21-message throughput, the base of others
 
     # ---- processes -------------------------------------------------------------------------
 
@@ -136,20 +187,43 @@ class Bench:
         wait_http(proc, port, "/health", timeout=20)
         return proc, port
 
-    def start_service(self, upstream_port: int, name: str) -> tuple[Proc, int]:
+    def start_reference(
+        self, upstream_port: int, name: str, window: int, base: str = ""
+    ) -> tuple[Proc, int]:
+        port = free_port()
+        upstream = f"http://127.0.0.1:{upstream_port}{base}/v1/chat/completions"
+        argv = [sys.executable, "-m", "bench.reference", str(port)]
+        argv += [f"redis://127.0.0.1:{self.redis_port}/0", upstream, str(window)]
+        proc = Proc(name, pinned(SERVICE_CORE, argv), log_dir=self.workdir, cwd=ROOT)
+        self.start(proc)
+        wait_http(proc, port, "/openapi.json", timeout=30)
+        return proc, port
+
+    def start_service(
+        self,
+        upstream_port: int,
+        name: str,
+        *,
+        base: str = "",
+        budget: int = TOKEN_BUDGET,
+    ) -> tuple[Proc, int]:
         port = free_port()
         env = {
             **os.environ,
             "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "GATEWAY_URL": f"http://127.0.0.1:{upstream_port}/v1",
+            "GATEWAY_URL": f"http://127.0.0.1:{upstream_port}{base}/v1",
             "GATEWAY_API_KEY": UPSTREAM_KEY,
             "API_KEYS": f"{TENANT}:{CLIENT_KEY}",
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "WORKERS": "1",
             "LOG_LEVEL": self.args.log_level,
-            "TOKEN_BUDGET": str(TOKEN_BUDGET),
+            "TOKEN_BUDGET": str(budget),
             "DEFAULT_MODEL": MODEL,
+            # Sliding trimming: every window is exactly the reference's (the default low-water
+            # mark jumps the window back to 60% of the budget, and would forward less).
+            "TRIM_LOW_WATER": "1",
+            "CACHE_MIN_TOKENS": str(FEATURE_MIN_TOKENS),
         }
         argv = pinned(SERVICE_CORE, [sys.executable, "-m", "service"])
         proc = self.start(Proc(name, argv, log_dir=self.workdir, env=env, cwd=ROOT))
@@ -244,13 +318,61 @@ class Bench:
         self.wrk(self.main[1], self.script("warmup", "t", POOL), 32, 2)
         return self.main[1]
 
+    def reference(self) -> int:
+        """The port of the reference on nginx (21-message windows), started when needed."""
+        if self.ref is not None and self.ref[0].alive():
+            self.target = self.ref[0]
+            return self.ref[1]
+        if self.ref is not None:
+            print(f"  restarting the reference ({self.ref[0].exit_text()})", file=sys.stderr)
+            self.stop(self.ref[0])
+        self.ref = self.start_reference(self.nginx_port, "reference", WINDOW_MESSAGES)
+        self.target = self.ref[0]
+        self.wrk(self.ref[1], self.script("warmup-ref", "t", POOL), 32, 2)
+        return self.ref[1]
+
+    def loads(
+        self, runs: dict[str, tuple[Proc, int, Path]], connections: int = 32
+    ) -> dict[str, Load]:
+        """Each (process, port, script) warmed up, then once per round, alternating: same-run
+        figures with the CPU time the pinned process spent per answered turn."""
+        for proc, port, script in runs.values():
+            self.target = proc
+            self.wrk(port, script, connections, 2)
+        got: dict[str, list[WrkResult]] = {name: [] for name in runs}
+        cpu = dict.fromkeys(runs, 0.0)
+        for _ in range(self.args.tp_rounds):
+            for name, (proc, port, script) in runs.items():
+                self.target = proc
+                before = cpu_seconds(proc.pid)
+                got[name].append(self.wrk(port, script, connections, self.args.tp_seconds))
+                cpu[name] += cpu_seconds(proc.pid) - before
+        loads = {}
+        for name, results in got.items():
+            ok = sum(max(0, r.requests - r.errors) for r in results)
+            loads[name] = Load(
+                per_second=statistics.median(r.ok_per_second for r in results),
+                p50_ms=statistics.median(r.p50_ms for r in results),
+                p99_ms=statistics.median(r.p99_ms for r in results),
+                errors=sum(r.errors for r in results),
+                cpu_us=cpu[name] / ok * 1e6 if ok else float("nan"),
+            )
+            self.raw[f"load_{name}"] = [asdict(r) for r in results] + [asdict(loads[name])]
+        return loads
+
     # ---- phases ----------------------------------------------------------------------------
 
     def seed_all(self) -> None:
         assert self.redis is not None
         print("seeding conversations ...", flush=True)
         seed(self.redis, TENANT, "t", POOL, WINDOW_MESSAGES)
+        seed(self.redis, reference.TENANT, "t", POOL, WINDOW_MESSAGES)
         seed(self.redis, TENANT, "s", 2000, HISTORY_SMALL)
+        seed(self.redis, TENANT, "w", WIDE_POOL, WIDE_WINDOW_MESSAGES)
+        seed(self.redis, reference.TENANT, "w", WIDE_POOL, WIDE_WINDOW_MESSAGES)
+        seed(self.redis, TENANT, "f", POOL, WINDOW_MESSAGES, meta={"token_budget": FEATURE_BUDGET})
+        features = {"token_budget": FEATURE_BUDGET, "summary_enabled": "true"}
+        seed(self.redis, TENANT, "g", POOL, WINDOW_MESSAGES, meta=features)
         # Memory per message: Redis's used_memory grows by the JSON plus this much per message.
         self.redis.execute_command("MEMORY", "PURGE")
         before = int(self.redis.info("memory")["used_memory"])
@@ -276,26 +398,35 @@ class Bench:
             per_message <= 100,
         )
 
-    def latency(self, port: int) -> None:
-        print("added latency, 1 connection (direct and through the service, interleaved)")
+    def latency(self) -> None:
+        print("added latency, 1 connection (direct, through the service and the reference)")
+        port, ref_port = self.service(), self.reference()
         direct = self.direct_script("direct", {"Authorization": UPSTREAM_KEY})
         via = self.script("latency", "t", POOL)
         figures = self.interleaved(
             {
                 "direct": lambda: self.wrk(self.nginx_port, direct, 1, self.args.short),
                 "service": lambda: self.wrk(port, via, 1, self.args.short),
+                "reference": lambda: self.wrk(ref_port, via, 1, self.args.short),
             },
             self.args.rounds,
         )
         d50, d99, derr = figures["direct"]
         s50, s99, serr = figures["service"]
+        r50, r99, rerr = figures["reference"]
         self.raw["latency"] = figures
         added50, added99 = s50 - d50, s99 - d99
+        ref50, ref99 = r50 - d50, r99 - d99
         self.record(
             "latency",
             f"+{added50:.3f} / +{added99:.3f} ms (direct {d50:.3f} / {d99:.3f}, "
             f"through {s50:.3f} / {s99:.3f}; errors {derr + serr})",
-            added50 <= 1.0 and added99 <= 2.5 and derr + serr == 0,
+            added50 <= ref50 + 0.2 and added99 <= ref99 + 0.5 and derr + serr == 0,
+        )
+        self.rows["latency"].reference = f"+{ref50:.3f} / +{ref99:.3f} ms (errors {rerr})"
+        self.rows["latency"].ratio = (
+            f"{added50 - ref50:+.3f} / {added99 - ref99:+.3f} ms; "
+            f"{_ratio(added50, ref50)} / {_ratio(added99, ref99)}"
         )
 
     def round_trips(self, port: int, turns: int = 300) -> None:
@@ -391,10 +522,13 @@ class Bench:
         self.record(
             "in_flight",
             f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
-            f"{result.p99_ms:.1f} ms, {result.detail} (the upstream alone: "
-            f"{alone.ok_per_second:,.0f}/s, p50 {alone.p50_ms:.1f} ms)",
-            result.errors == 0 and result.ok_per_second >= 900,
+            f"{result.p99_ms:.1f} ms, {result.detail}",
+            result.errors == 0 and result.ok_per_second >= 0.95 * alone.ok_per_second,
         )
+        self.rows[
+            "in_flight"
+        ].reference = f"the upstream alone: {alone.ok_per_second:,.0f}/s, p50 {alone.p50_ms:.1f} ms"
+        self.rows["in_flight"].ratio = _ratio(result.ok_per_second, alone.ok_per_second) + " alone"
 
     def profile(self, port: int, pid: int) -> None:
         """py-spy on the service under the 32-connection load: an SVG and collapsed stacks."""
@@ -458,16 +592,20 @@ class Bench:
         self.start_redis()
         self.start_nginx()
         self.phase("memory", self.seed_all)
-        self.phase("latency", lambda: self.latency(self.service()))
+        self.phase("latency", self.latency)
         self.phase("round_trips", lambda: self.round_trips(self.service()))
         self.phase("history", lambda: self.history(self.service()))
         self.phase("throughput", self.service_throughput)
-        if self.main is not None:
-            self.stop(self.main[0])
-            self.main = None
+        self.phase("features", self.features)
+        for proc in (self.main, self.ref):
+            if proc is not None:
+                self.stop(proc[0])
+        self.main = self.ref = None
+        self.phase("wide", self.wide)
         self.phase("in_flight", self.in_flight)
-        self.phase("summary_landed", self.long_conversation)
-        if not self.args.no_litellm:
+        if not self.args.quick:
+            self.phase("summary_landed", self.long_conversation)
+        if not self.args.no_litellm and not self.args.quick:
             self.baseline()
 
     def long_conversation(self) -> None:
@@ -495,17 +633,85 @@ class Bench:
         self.rows["summary_landed"].litellm = self.rows["summary_cached"].litellm = "n/a"
 
     def service_throughput(self) -> None:
-        port = self.service()
+        print("throughput, 32 connections: the service and the reference, interleaved")
+        port, ref_port = self.service(), self.reference()
+        assert self.main is not None
+        assert self.ref is not None
         script = self.script("throughput", "t", POOL)
-        result = self.throughput(port, "throughput", script, "the service")
+        got = self.loads(
+            {"service": (self.main[0], port, script), "reference": (self.ref[0], ref_port, script)}
+        )
+        service, ref = got["service"], got["reference"]
+        self.main_load = service
         self.record(
             "throughput",
-            f"{result.ok_per_second:,.0f} turns/s, p50 {result.p50_ms:.1f} / p99 "
-            f"{result.p99_ms:.1f} ms, {result.detail}",
-            result.ok_per_second >= 1500 and result.errors == 0,
+            f"{service.text()}",
+            service.per_second >= 1.2 * ref.per_second and service.errors == 0,
         )
-        if self.args.profile and self.main is not None:
+        self.rows["throughput"].reference = ref.text()
+        self.rows["throughput"].ratio = _ratio(service.per_second, ref.per_second)
+        self.record("cpu", f"{service.cpu_us:,.0f} us", service.cpu_us <= ref.cpu_us)
+        self.rows["cpu"].reference = f"{ref.cpu_us:,.0f} us"
+        self.rows["cpu"].ratio = _ratio(service.cpu_us, ref.cpu_us)
+        if self.args.profile:
             self.profile(port, self.main[0].pid)
+
+    def features(self) -> None:
+        """An ordinary turn with a Claude model and summaries on, against one without, on the
+        same service: same-shaped conversations with their own (unreached) budget."""
+        print("features on (Claude model, summaries on) against off, interleaved")
+        port = self.service()
+        assert self.main is not None
+        off = self.script("features-off", "f", POOL)
+        on = self.script("features-on", "g", POOL, model=CLAUDE_MODEL)
+        got = self.loads({"off": (self.main[0], port, off), "on": (self.main[0], port, on)})
+        jobs = _metric_total(port, "convproxy_summary_jobs_total")
+        self.record(
+            "features",
+            f"{got['on'].text()}; {got['on'].cpu_us:,.0f} us CPU/turn; summary jobs {jobs:g}",
+            got["on"].per_second >= 0.95 * got["off"].per_second and got["on"].errors == 0,
+        )
+        self.rows[
+            "features"
+        ].reference = f"features off: {got['off'].text()}; {got['off'].cpu_us:,.0f} us CPU/turn"
+        self.rows["features"].ratio = (
+            f"{_ratio(got['on'].per_second, got['off'].per_second)} (CPU "
+            f"{_ratio(got['on'].cpu_us, got['off'].cpu_us)})"
+        )
+
+    def wide(self) -> None:
+        """200-message windows: a service and a reference of their own, on nginx's wide path
+        (its usage matches a 200-message array, so the correction stays at 1)."""
+        print("throughput, 32 connections: 200-message windows, service and reference")
+        budget = token_budget(WIDE_WINDOW_MESSAGES)
+        proc, port = self.start_service(
+            self.nginx_port, "service-wide", base=WIDE_PATH, budget=budget
+        )
+        ref, ref_port = self.start_reference(
+            self.nginx_port, "reference-wide", WIDE_WINDOW_MESSAGES, base=WIDE_PATH
+        )
+        try:
+            script = self.script("wide", "w", WIDE_POOL)
+            got = self.loads(
+                {"service": (proc, port, script), "reference": (ref, ref_port, script)}
+            )
+        finally:
+            self.stop(proc)
+            self.stop(ref)
+        service, reference_load = got["service"], got["reference"]
+        base = self.main_load.per_second if self.main_load else float("nan")
+        self.record(
+            "wide",
+            f"{service.text()}; {service.cpu_us:,.0f} us CPU/turn",
+            service.per_second >= 0.5 * base and service.errors == 0,
+        )
+        self.rows[
+            "wide"
+        ].reference = f"{reference_load.text()}; {reference_load.cpu_us:,.0f} us CPU/turn"
+        self.rows["wide"].ratio = (
+            f"{_ratio(service.per_second, base)} of 21-message; "
+            f"{_ratio(service.per_second, reference_load.per_second)} ref"
+        )
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -516,6 +722,9 @@ class Bench:
 ORDER = (
     "latency",
     "throughput",
+    "cpu",
+    "wide",
+    "features",
     "history",
     "in_flight",
     "round_trips",
@@ -525,37 +734,68 @@ ORDER = (
 )
 
 
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "n/a"
+
+
+def _metric_total(port: int, name: str) -> float:
+    """The sum of a metric's samples in the service's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
 def table(rows: dict[str, Row], info: dict[str, str]) -> str:
     head = (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['kernel']}, {info['python']}; "
-        f"pinned: {info['taskset']} (service on core {SERVICE_CORE}; wrk, nginx, Redis on "
-        f"core {LOAD_CORE}); cores busy before start: {info.get('background', '?')}"
+        f"pinned: {info['taskset']} (service and reference on core {SERVICE_CORE}; wrk, nginx, "
+        f"Redis on core {LOAD_CORE}); cores busy before start: {info.get('background', '?')}"
     )
     lines = [
         head,
         "",
-        "| figure | target | service | ok | LiteLLM proxy (same upstream) |",
-        "| --- | --- | --- | --- | --- |",
+        "| figure | target | service | ratio | ok | reference (same run) | LiteLLM proxy |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key in ORDER:
         row = rows.get(key)
         if row is None:
             continue
         ok = "yes" if row.passed else "no" if row.passed is not None else "?"
-        lines.append(f"| {row.figure} | {row.target} | {row.service} | {ok} | {row.litellm} |")
+        lines.append(
+            f"| {row.figure} | {row.target} | {row.service} | {row.ratio} | {ok} | "
+            f"{row.reference} | {row.litellm} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--short", type=float, default=2.0, help="seconds of each 1-conn run")
-    parser.add_argument("--long", type=float, default=10.0, help="seconds of throughput runs")
+    parser.add_argument("--long", type=float, default=10.0, help="seconds of in-flight runs")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per latency")
+    parser.add_argument("--tp-seconds", type=float, default=5.0, help="seconds of a load round")
+    parser.add_argument("--tp-rounds", type=int, default=3, help="interleaved load rounds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter runs, no long conversation, no LiteLLM (about 2 minutes)",
+    )
     parser.add_argument("--log-level", default="info", help="the service's LOG_LEVEL")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM baseline")
     parser.add_argument("--profile", action="store_true", help="py-spy the 32-connection load")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with the logs")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.short, args.long, args.rounds, args.tp_seconds, args.tp_rounds = 1, 5, 3, 3, 2
 
     info = machine()
     info["background"] = f"{busy_cores():.2f}"

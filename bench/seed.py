@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from redis import Redis
 
 from bench.upstreams import REPLY_TEXT, USER_TEXT
@@ -34,22 +35,30 @@ def seed(
     messages: int,
     *,
     ttl_seconds: int = 3600,
+    meta: dict[str, str] | None = None,
 ) -> int:
-    """Create conversations <prefix>0..N-1 with `messages` stored messages each.
-    Returns the bytes of message JSON written."""
+    """Create conversations <prefix>0..N-1 with `messages` stored messages each (and `meta`:
+    settings such as their own token budget). Returns the bytes of message JSON written."""
     now = time.time()
     payloads = [message_json(seq, now + seq / 1e6) for seq in range(1, messages + 1)]
+    # The estimates beside the log, as the store keeps them (else the first turn rebuilds them).
+    tokens = [orjson.loads(p)["tokens"] for p in payloads]
     written = 0
     index = ConversationRef(tenant, "").index_key
     pipe = redis.pipeline(transaction=False)
     for n in range(conversations):
         ref = ConversationRef(tenant, f"{prefix}{n}")
         log = ref.key("log")
-        pipe.delete(log, ref.key("meta"), ref.key("lock"))
+        pipe.delete(log, ref.key("tok"), ref.key("meta"), ref.key("lock"))
         for start in range(0, messages, 1000):
             pipe.rpush(log, *payloads[start : start + 1000])
-        pipe.hset(ref.key("meta"), mapping={"created_at": repr(now), "updated_at": repr(now)})
+            pipe.rpush(ref.key("tok"), *tokens[start : start + 1000])
+        pipe.hset(
+            ref.key("meta"),
+            mapping={"created_at": repr(now), "updated_at": repr(now), **(meta or {})},
+        )
         pipe.expire(log, ttl_seconds)
+        pipe.expire(ref.key("tok"), ttl_seconds)
         pipe.expire(ref.key("meta"), ttl_seconds)
         pipe.zadd(index, {ref.id: now})
         written += sum(len(p) for p in payloads)

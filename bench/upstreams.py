@@ -16,48 +16,67 @@ import orjson
 CONTENT_CHARS = 80
 MESSAGE_TOKENS = 24
 WINDOW_MESSAGES = 20
-# The forwarded array of a 20-message window plus the new message, in the service's estimate.
-ARRAY_TOKENS = 3 + MESSAGE_TOKENS * (WINDOW_MESSAGES + 1)
-# Ten whole turns fit, eleven do not: every window is 20 messages once 20 are stored.
-TOKEN_BUDGET = ARRAY_TOKENS + MESSAGE_TOKENS // 2
+WIDE_WINDOW_MESSAGES = 200  # the realistic case: a 16k budget of ~80-token messages
+
+
+def array_tokens(window: int) -> int:
+    """The forwarded array of a `window`-message window plus the new message (the estimate)."""
+    return 3 + MESSAGE_TOKENS * (window + 1)
+
+
+def token_budget(window: int) -> int:
+    """`window / 2` whole turns fit, one more does not: the window stays `window` messages."""
+    return array_tokens(window) + MESSAGE_TOKENS // 2
+
+
+ARRAY_TOKENS = array_tokens(WINDOW_MESSAGES)
+TOKEN_BUDGET = token_budget(WINDOW_MESSAGES)
 MODEL = "bench-model"
 
 REPLY_TEXT = ("The bench upstream answers every request with this same reply. " * 2)[:CONTENT_CHARS]
 USER_TEXT = ("A user message of the bench, always the same length and text. " * 2)[:CONTENT_CHARS]
 
-# Usage reports exactly the service's estimate of a 20-message window, so the per-model
-# correction factor stays at 1 and windows stay at 20 messages.
-COMPLETION = orjson.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "request_id": "00000000-0000-4000-8000-000000000000",
-        "object": "chat.completion",
-        "created": 1764000000,
-        "model": MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": REPLY_TEXT},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "input_tokens": ARRAY_TOKENS,
-            "output_tokens": MESSAGE_TOKENS,
-            "total_tokens": ARRAY_TOKENS + MESSAGE_TOKENS,
-            "prompt_tokens": ARRAY_TOKENS,
-            "completion_tokens": MESSAGE_TOKENS,
-        },
-    }
-)
+
+def completion(window: int) -> bytes:
+    """Usage reports exactly the service's estimate of a `window`-message window, so the
+    per-model correction factor stays at 1 and windows stay at `window` messages."""
+    prompt = array_tokens(window)
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "request_id": "00000000-0000-4000-8000-000000000000",
+            "object": "chat.completion",
+            "created": 1764000000,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": REPLY_TEXT},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "input_tokens": prompt,
+                "output_tokens": MESSAGE_TOKENS,
+                "total_tokens": prompt + MESSAGE_TOKENS,
+                "prompt_tokens": prompt,
+                "completion_tokens": MESSAGE_TOKENS,
+            },
+        }
+    )
+
+
+COMPLETION = completion(WINDOW_MESSAGES)
+WIDE_PATH = "/wide"  # the upstream's base path for 200-message windows: their own usage figure
 
 
 def nginx_conf(workdir: Path, port: int) -> Path:
-    """A minimal nginx.conf: one worker, no logs, POST /v1/chat/completions -> COMPLETION."""
-    body = COMPLETION.decode()
-    # A literal inside a single-quoted nginx string: no quote, no variable.
-    assert "'" not in body
-    assert "$" not in body
+    """A minimal nginx.conf: one worker, no logs, POST /v1/chat/completions -> COMPLETION, and
+    {WIDE_PATH}/v1/chat/completions -> the completion of a 200-message window."""
+    body, wide = COMPLETION.decode(), completion(WIDE_WINDOW_MESSAGES).decode()
+    # Literals inside single-quoted nginx strings: no quote, no variable.
+    assert "'" not in body + wide
+    assert "$" not in body + wide
     temp = workdir / "nginx-temp"
     temp.mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -84,6 +103,10 @@ http {{
         location = /v1/chat/completions {{
             default_type application/json;
             return 200 '{body}';
+        }}
+        location = {WIDE_PATH}/v1/chat/completions {{
+            default_type application/json;
+            return 200 '{wide}';
         }}
         location / {{ return 404; }}
     }}

@@ -540,7 +540,7 @@ class ChatService:
                 "the turn lost its lease before it could be stored; retry it",
                 headers={"Retry-After": "1"},
             )
-        metrics.TURNS.labels("committed").inc()
+        metrics.child(metrics.TURNS, "committed").inc()
         metrics.record_usage(turn.model, reply.usage)
         metrics.DROPPED_MESSAGES.inc(turn.window.dropped_messages)
         annotate(input_tokens=reply.input_tokens, output_tokens=reply.output_tokens)

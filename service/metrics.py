@@ -7,6 +7,7 @@ Names follow Prometheus conventions: the product prefix `convproxy_`, base units
 from __future__ import annotations
 
 import threading
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -114,6 +115,21 @@ SUMMARY_LAGGED_TURNS = Counter(
 )
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+# (metric, label values) -> the labelled child; values are bounded (routes, statuses, model_label).
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def child(metric: M, *values: str) -> M:
+    """`metric.labels(*values)`, looked up once: labels() checks its arguments and takes a lock
+    on every call, several times per turn (measured by `make bench`, issue 10)."""
+    key = (metric, values)
+    found: M | None = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
+
+
 def model_label(model: str) -> str:
     """A bounded label for a client-chosen model name."""
     with _lock:
@@ -127,15 +143,15 @@ def model_label(model: str) -> str:
 
 def record_usage(model: str, usage: Usage) -> None:
     """One turn's usage: totals, the uncached / cache-read / cache-write split, the hit rate."""
-    TOKENS.labels("input").inc(usage.prompt)
-    TOKENS.labels("output").inc(usage.output)
+    child(TOKENS, "input").inc(usage.prompt)
+    child(TOKENS, "output").inc(usage.output)
     label = model_label(model)
-    PROMPT_TOKENS.labels(label, "uncached").inc(usage.uncached)
-    PROMPT_TOKENS.labels(label, "cache_read").inc(usage.cache_read)
-    PROMPT_TOKENS.labels(label, "cache_write").inc(usage.cache_write)
+    child(PROMPT_TOKENS, label, "uncached").inc(usage.uncached)
+    child(PROMPT_TOKENS, label, "cache_read").inc(usage.cache_read)
+    child(PROMPT_TOKENS, label, "cache_write").inc(usage.cache_write)
     with _lock:
         read, total = _cache_totals.get(label, (0, 0))
         read, total = read + usage.cache_read, total + usage.prompt
         _cache_totals[label] = (read, total)
     if total:
-        CACHE_HIT_RATIO.labels(label).set(read / total)
+        child(CACHE_HIT_RATIO, label).set(read / total)

@@ -216,8 +216,8 @@ class RequestMiddleware:
     ) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         method = scope["method"]
-        metrics.REQUESTS.labels(route, method, str(status)).inc()
-        metrics.LATENCY.labels(route, method, str(status)).observe(elapsed)
+        metrics.child(metrics.REQUESTS, route, method, str(status)).inc()
+        metrics.child(metrics.LATENCY, route, method, str(status)).observe(elapsed)
         if route in ("/metrics", "/healthz", "/readyz") and status < 400:
             return
         entry: dict[str, Any] = {

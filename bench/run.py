@@ -592,21 +592,32 @@ class Bench:
         self.start_redis()
         self.start_nginx()
         self.phase("memory", self.seed_all)
-        self.phase("latency", self.latency)
-        self.phase("round_trips", lambda: self.round_trips(self.service()))
-        self.phase("history", lambda: self.history(self.service()))
-        self.phase("throughput", self.service_throughput)
-        self.phase("features", self.features)
+        only = set(self.args.only.split(",")) if self.args.only else None
+        phases: list[tuple[str, Callable[[], None]]] = [
+            ("latency", self.latency),
+            ("round_trips", lambda: self.round_trips(self.service())),
+            ("history", lambda: self.history(self.service())),
+            ("throughput", self.service_throughput),
+            ("features", self.features),
+            ("wide", self.wide),
+            ("in_flight", self.in_flight),
+        ]
+        if not self.args.quick:
+            phases.append(("summary_landed", self.long_conversation))
+        for key, run in phases:
+            if only is None or key in only:
+                if key == "wide":  # the services on nginx are done with: core 0 for the wide pair
+                    self.stop_main()
+                self.phase(key, run)
+        self.stop_main()
+        if not self.args.no_litellm and not self.args.quick and only is None:
+            self.baseline()
+
+    def stop_main(self) -> None:
         for proc in (self.main, self.ref):
             if proc is not None:
                 self.stop(proc[0])
         self.main = self.ref = None
-        self.phase("wide", self.wide)
-        self.phase("in_flight", self.in_flight)
-        if not self.args.quick:
-            self.phase("summary_landed", self.long_conversation)
-        if not self.args.no_litellm and not self.args.quick:
-            self.baseline()
 
     def long_conversation(self) -> None:
         """bench/long_conversation.py: 300 turns with summaries on, off, and plain trimming."""
@@ -784,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per latency")
     parser.add_argument("--tp-seconds", type=float, default=5.0, help="seconds of a load round")
     parser.add_argument("--tp-rounds", type=int, default=3, help="interleaved load rounds")
+    parser.add_argument("--only", default="", help="comma-separated figures, e.g. throughput")
     parser.add_argument(
         "--quick",
         action="store_true",

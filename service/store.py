@@ -52,6 +52,7 @@ from service import metrics, redis_scripts
 from service.errors import StoreUnavailable
 from service.idempotency import Idempotency, IdempotentRecord
 from service.models import ConversationMeta, ConversationSummary, Message
+from service.redis_batch import CommandBatcher
 from service.tokens import PRIOR_FACTOR
 from service.usage import Usage
 
@@ -201,6 +202,8 @@ class ConversationStore:
         # redis-py's Cluster pools raise when a node's pool is full; one call uses at most one
         # connection per node, so at most `pool_size` calls at once never overfill one.
         self._gate = asyncio.Semaphore(pool_size) if cluster and pool_size else None
+        # Scripts of concurrent turns share round trips (service/redis_batch.py).
+        self._batcher = CommandBatcher(redis) if isinstance(redis, Redis) else None
         self._gate_timeout = pool_timeout_seconds
         self._ttl = conversation_ttl_seconds
         self._index_ttl = index_ttl_seconds
@@ -292,7 +295,9 @@ class ConversationStore:
         async def run() -> Any:
             if name not in self._sha:
                 await self.load_scripts()
-            return await self._redis.evalsha(self._sha[name], len(keys), *keys, *args)
+            if self._batcher is None:  # a Cluster routes each script by its keys' slot
+                return await self._redis.evalsha(self._sha[name], len(keys), *keys, *args)
+            return await self._batcher.execute("EVALSHA", self._sha[name], len(keys), *keys, *args)
 
         return await self._call(run)
 

@@ -48,7 +48,7 @@ from bench.upstreams import (
     WINDOW_MESSAGES,
     token_budget,
 )
-from bench.wrk import WrkResult, post_script, run_wrk, turn_script
+from bench.wrk import WrkResult, openai_script, post_script, run_wrk, turn_script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -102,6 +102,10 @@ ROWS = {
     "throughput": (
         "Throughput, 32 connections, 21-message windows, 1 worker",
         ">= 1.2x ref, 0 errors",
+    ),
+    "openai": (
+        "Added latency, 1 connection, POST /v1/chat/completions (p50 / p99), 21-message windows",
+        "beside our own route's",
     ),
     "cpu": ("CPU per turn (user+sys / turns), 32 connections", "<= 1.0x ref"),
     "wide": (
@@ -367,6 +371,7 @@ class Bench:
         print("seeding conversations ...", flush=True)
         seed(self.redis, TENANT, "t", POOL, WINDOW_MESSAGES)
         seed(self.redis, reference.TENANT, "t", POOL, WINDOW_MESSAGES)
+        seed(self.redis, TENANT, "o", POOL, WINDOW_MESSAGES)  # for /v1/chat/completions
         seed(self.redis, TENANT, "s", 2000, HISTORY_SMALL)
         seed(self.redis, TENANT, "w", WIDE_POOL, WIDE_WINDOW_MESSAGES)
         seed(self.redis, reference.TENANT, "w", WIDE_POOL, WIDE_WINDOW_MESSAGES)
@@ -403,14 +408,26 @@ class Bench:
         port, ref_port = self.service(), self.reference()
         direct = self.direct_script("direct", {"Authorization": UPSTREAM_KEY})
         via = self.script("latency", "t", POOL)
-        figures = self.interleaved(
-            {
-                "direct": lambda: self.wrk(self.nginx_port, direct, 1, self.args.short),
-                "service": lambda: self.wrk(port, via, 1, self.args.short),
-                "reference": lambda: self.wrk(ref_port, via, 1, self.args.short),
-            },
-            self.args.rounds,
-        )
+        runs = {
+            "direct": lambda: self.wrk(self.nginx_port, direct, 1, self.args.short),
+            "service": lambda: self.wrk(port, via, 1, self.args.short),
+            "reference": lambda: self.wrk(ref_port, via, 1, self.args.short),
+        }
+        openai = _has_path(port, "/v1/chat/completions")
+        if openai:  # the OpenAI-compatible route (issue 12), where this service has it
+            body = orjson.dumps(
+                {"model": MODEL, "messages": [{"role": "user", "content": USER_TEXT}]}
+            )
+            compat = openai_script(
+                self.workdir / "openai.lua",
+                key=CLIENT_KEY,
+                prefix="o",
+                conversations=POOL,
+                body=body,
+            )
+            self.wrk(port, compat, 32, 2)  # warm-up
+            runs["openai"] = lambda: self.wrk(port, compat, 1, self.args.short)
+        figures = self.interleaved(runs, self.args.rounds)
         d50, d99, derr = figures["direct"]
         s50, s99, serr = figures["service"]
         r50, r99, rerr = figures["reference"]
@@ -427,6 +444,21 @@ class Bench:
         self.rows["latency"].ratio = (
             f"{added50 - ref50:+.3f} / {added99 - ref99:+.3f} ms; "
             f"{_ratio(added50, ref50)} / {_ratio(added99, ref99)}"
+        )
+        if not openai:
+            self.rows["openai"].service = "not measured (the service has no such route)"
+            return
+        o50, o99, oerr = figures["openai"]
+        self.record(
+            "openai",
+            f"+{o50 - d50:.3f} / +{o99 - d99:.3f} ms (errors {oerr}; our route "
+            f"+{added50:.3f} / +{added99:.3f})",
+            oerr == 0,
+        )
+        self.rows["openai"].reference = self.rows["latency"].reference
+        self.rows["openai"].ratio = (
+            f"{o50 - s50:+.3f} / {o99 - s99:+.3f} ms vs our route; "
+            f"{o50 - d50 - ref50:+.3f} / {o99 - d99 - ref99:+.3f} ms vs ref"
         )
 
     def round_trips(self, port: int, turns: int = 300) -> None:
@@ -732,6 +764,7 @@ class Bench:
 
 ORDER = (
     "latency",
+    "openai",
     "throughput",
     "cpu",
     "wide",
@@ -747,6 +780,16 @@ ORDER = (
 
 def _ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base > 0 else "n/a"
+
+
+def _has_path(port: int, path: str) -> bool:
+    """Whether the service's OpenAPI document lists `path`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/openapi.json")
+        return path in orjson.loads(conn.getresponse().read()).get("paths", {})
+    finally:
+        conn.close()
 
 
 def _metric_total(port: int, name: str) -> float:

@@ -66,6 +66,29 @@ end
     return path
 
 
+def openai_script(path: Path, *, key: str, prefix: str, conversations: int, body: bytes) -> Path:
+    """POST /v1/chat/completions with `X-Conversation-Id: <prefix><n>`, n round-robin as in
+    turn_script."""
+    path.write_text(
+        f"""
+wrk.method = "POST"
+wrk.body = {lua_literal(body.decode())}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = {lua_literal("Bearer " + key)}
+local n = 0
+local count = {conversations}
+local prefix = {lua_literal(prefix)}
+request = function()
+  n = (n + 1) % count
+  wrk.headers["X-Conversation-Id"] = prefix .. n
+  return wrk.format(nil, "/v1/chat/completions")
+end
+{_DONE}
+"""
+    )
+    return path
+
+
 def post_script(path: Path, *, url_path: str, body: bytes, headers: dict[str, str]) -> Path:
     """POST the same body to one path (a stateless endpoint)."""
     lines = "\n".join(

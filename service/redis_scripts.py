@@ -172,6 +172,21 @@ end
 return 0
 """
 
+# KEYS: calibration   ARGV: model, base (the factor the new one was computed from; "" for none),
+# new factor, TTL (0: none). Every replica computes the tenant's correction from its own cached
+# copy (service/tokens.py decides the value): a new value replaces only the one it was computed
+# from, or a lower one, so a rise another replica just stored is never undone by a replica that
+# had not seen it yet. Answers the stored value.
+SET_FACTOR = r"""
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored or stored == ARGV[2] or tonumber(ARGV[3]) > tonumber(stored) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  stored = ARGV[3]
+end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return stored
+"""
+
 # KEYS: lock   ARGV: lock value.  1 if the lease was ours and is released.
 RELEASE_LOCK = r"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

@@ -18,10 +18,10 @@ from service.deps import (
     ConversationDep,
     DetachedDep,
     IdempotencyKeyDep,
-    RequestIdDep,
     SettingsDep,
     StoreDep,
     TurnDep,
+    TurnServicesDep,
     UpdateDep,
 )
 from service.errors import ConversationNotFound, StoreUnavailable
@@ -70,14 +70,12 @@ async def post_turn(
     body: TurnDep,
     ref: ConversationDep,
     caller: CallerDep,
-    chat: ChatDep,
-    detached: DetachedDep,
-    store: StoreDep,
-    request_id: RequestIdDep,
+    services: TurnServicesDep,
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
+    chat, store, request_id = services.chat, services.store, services.request_id
     if body.stream:
-        start = detached.start if body.detach else chat.stream
+        start = services.detached.start if body.detach else chat.stream
         events, replayed = await start(
             ref, body, caller=caller, request_id=request_id, idempotency_key=idempotency_key
         )

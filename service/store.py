@@ -168,16 +168,19 @@ def _meta(pairs: Sequence[bytes | str] | dict[Any, Any]) -> ConversationMeta | N
 
 
 class _ClusterPipeline:
-    """A cluster pipeline that accepts EVALSHA. redis-py blocks `evalsha` on cluster pipelines
-    because it cannot know a script is loaded on every node; ours are (SCRIPT LOAD goes to all
-    primaries) and a NOSCRIPT reply reloads them, so the command is queued as is, routed by the
-    slot of its keys like any other."""
+    """A cluster pipeline that accepts EVALSHA and EVAL. redis-py blocks `evalsha` on cluster
+    pipelines because it cannot know a script is loaded on every node; ours are (SCRIPT LOAD goes
+    to all primaries) and a NOSCRIPT reply reloads them, so the command is queued as is, routed by
+    the slot of its keys like any other."""
 
     def __init__(self, pipe: Any) -> None:
         self._pipe = pipe
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return self._pipe.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    def eval(self, source: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return self._pipe.execute_command("EVAL", source, numkeys, *keys_and_args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipe, name)
@@ -446,14 +449,25 @@ class ConversationStore:
         calibration = ref.calibration_key
         known = self._factors.get(ref.tenant, (0.0, {}))[1]
 
+        base = known.get(model)
+
         def fill(pipe: Any) -> None:
             pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, argument)
-            pipe.hset(calibration, model, repr(factor))
-            if self._index_ttl > 0:
-                pipe.expire(calibration, self._index_ttl)
+            # EVAL, not EVALSHA: a NOSCRIPT here (another node, on a Cluster) would retry the
+            # whole pipeline, and with it a commit that already ran.
+            pipe.eval(
+                redis_scripts.SET_FACTOR,
+                1,
+                calibration,
+                model,
+                "" if base is None else repr(base),
+                repr(factor),
+                self._index_ttl,
+            )
 
-        if factor is not None and factor != known.get(model):
-            answer = (await self._pipeline(fill))[0]
+        if factor is not None and factor != base:
+            answer, stored = await self._pipeline(fill)
+            factor = float(stored)  # another replica's higher value may stand
         else:  # an unchanged correction needs no write: the script alone
             answer = await self._script("COMMIT_TURN", keys, [argument])
         outcome = _text(answer[0])

@@ -35,8 +35,6 @@ class BudgetExceeded(Exception):
 
     def __init__(self, needed: int, budget: int) -> None:
         super().__init__(f"the new message(s) need about {needed} tokens; the budget is {budget}")
-        self.needed = needed
-        self.budget = budget
 
 
 @dataclass(frozen=True, slots=True)

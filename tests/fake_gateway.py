@@ -1,7 +1,11 @@
 """A stand-in for the LLM gateway that speaks its wire format (../shared/GATEWAY.md).
 
 It counts tokens its own way (characters / 3 plus 7 per message), unlike the service's estimator,
-so the token-correction logic is exercised for real. Scripted through data, never by patching.
+so the token-correction logic is exercised for real. It is at least as strict as the gateways it
+stands for: no key is 401; a tool result that answers no preceding `tool_calls`, or `tool_calls`
+left unanswered, is 400 (as OpenAI-style gateways answer); `tools` count in the prompt's tokens;
+a stream carries usage only when `stream_options.include_usage` asks for it.
+Scripted through data, never by patching.
 `serve_in_process` runs it on a loopback port inside the test's event loop (so tests can script
 it with asyncio events); tests/gateway_server.py serves the same logic from its own process.
 """
@@ -44,6 +48,52 @@ def gateway_tokens(
         if message.get("tool_calls"):
             total += len(orjson.dumps(message["tool_calls"])) // 3
     return total
+
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+def message_errors(messages: list[Any]) -> list[str]:
+    """What an OpenAI-style gateway refuses with 400 in `messages`: an unknown role, a tool
+    result that answers no `tool_calls` of the assistant message before it, or an assistant's
+    `tool_calls` not each answered by the tool messages right after it."""
+    errors: list[str] = []
+    open_calls: set[Any] | None = None  # ids the latest tool-calling assistant still awaits
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            errors.append(f"messages[{index}].role: must be one of {sorted(ROLES)}")
+            continue
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if open_calls is None or call_id not in open_calls:
+                errors.append(
+                    f"messages[{index}]: a message with role 'tool' must be a response to a "
+                    f"preceding message with 'tool_calls' (tool_call_id {call_id!r})"
+                )
+            else:
+                open_calls.discard(call_id)
+            continue
+        if open_calls:
+            errors.append(
+                f"messages[{index}]: an assistant message with 'tool_calls' must be followed by "
+                f"tool messages responding to each 'tool_call_id' ({sorted(open_calls)})"
+            )
+        calls = message.get("tool_calls") if role == "assistant" else None
+        open_calls = {c.get("id") for c in calls if isinstance(c, dict)} if calls else None
+    if open_calls:
+        errors.append(
+            "an assistant message with 'tool_calls' must be followed by tool messages "
+            f"responding to each 'tool_call_id' ({sorted(open_calls)})"
+        )
+    return errors
+
+
+def _invalid(errors: list[str]) -> tuple[int, dict[str, str], bytes]:
+    body = {
+        "error": {"code": 400, "message": "invalid request body", "metadata": {"errors": errors}}
+    }
+    return 400, {"content-type": "application/json"}, orjson.dumps(body)
 
 
 @dataclass
@@ -129,20 +179,12 @@ class FakeGateway:
                 {"content-type": "application/json", **failure.headers},
                 orjson.dumps(failure.body),
             )
+        if not self.received_headers[-1].get("authorization"):
+            return 401, {"content-type": "application/json"}, b'{"error": "missing API key"}'
         if not body.get("model") or not isinstance(body.get("messages"), list):
-            return (
-                400,
-                {"content-type": "application/json"},
-                orjson.dumps(
-                    {
-                        "error": {
-                            "code": 400,
-                            "message": "invalid request body",
-                            "metadata": {"errors": ["model is required"]},
-                        }
-                    }
-                ),
-            )
+            return _invalid(["model is required"])
+        if errors := message_errors(body["messages"]):
+            return _invalid(errors)
         if self.reject_stream_options and "stream_options" in body:
             return (
                 400,

@@ -4,6 +4,7 @@ never shrinking another tenant's window; and the trimming seams issue 17 found u
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import httpx
@@ -70,7 +71,8 @@ async def test_cached_tokens_are_kept_apart_and_the_correction_sees_the_whole_pr
     gateway.usage_shape = shape
     gateway.cached_share = 0.75
     gateway.written_share = 0.2 if shape == "anthropic" else 0.0
-    model = f"cache-{shape}-{stream}"  # a metric label of its own
+    # A metric label of its own (metrics are per process, and a run may repeat in one process).
+    model = f"cache-{shape}-{stream}-{uuid.uuid4().hex[:8]}"
     async with serve(make_settings(redis_url, token_budget=2000), gateway) as http:
         for i in range(3):
             response = await http.post(
@@ -224,3 +226,26 @@ async def test_a_log_without_its_token_list_is_read_and_migrated(
     assert len(tokens) == await redis.llen("conv:{acme:m}:log") == 9
     assert tokens[4:7] == [0, 9, 5]  # field order is no contract; unreadable counts nothing
     assert await redis.ttl("conv:{acme:m}:tok") > 0
+
+
+async def test_a_rise_one_replica_stored_is_not_undone_by_another(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """Two replicas of one tenant, each with its own cached correction: one sees the gateway
+    count four times the estimate and stores the rise; the other's next turn, computed from its
+    older copy, must not write the old value back over it (it may only decay it, slowly)."""
+    gateway.punctuation_tokens = True
+    settings = make_settings(redis_url, token_budget=4000)
+    async with serve(settings, gateway) as one, serve(settings, gateway) as two:
+        for http in (one, two):  # both have read and cached the tenant's correction
+            plain = await http.post("/conversations/a/messages", json=user("lorem ipsum " * 20))
+            assert plain.status_code == 200
+        usual = float(await redis.hget("conv:{acme}:calibration", "claude-sonnet-4-6") or 0)
+        odd = await one.post("/conversations/b/messages", json=user("!" * 2000))
+        assert odd.status_code == 200
+        risen = float(await redis.hget("conv:{acme}:calibration", "claude-sonnet-4-6") or 0)
+        assert risen > 2 * usual
+        plain = await two.post("/conversations/a/messages", json=user("lorem ipsum " * 20))
+        assert plain.status_code == 200
+    after = float(await redis.hget("conv:{acme}:calibration", "claude-sonnet-4-6") or 0)
+    assert after > 0.8 * risen, (usual, risen, after)

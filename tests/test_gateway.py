@@ -201,8 +201,8 @@ async def test_failures_map_to_service_errors(
 ) -> None:
     upstream = Upstream(behaviour)
     with pytest.raises(error):
-        await complete(upstream, retries=0, timeout=0.3)
-    assert len(upstream.calls) == 1
+        await complete(upstream, retries=2, timeout=0.3)
+    assert len(upstream.calls) == 1  # auth failures (even with a Retry-After) are not retried
 
 
 async def test_pass_through_key_rejected_upstream_is_401() -> None:

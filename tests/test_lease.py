@@ -6,8 +6,8 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from service.lease import Renewal
-from service.store import ConversationRef, ConversationStore
+from service.lease import Renewal, wait_for_lease
+from service.store import ConversationRef, ConversationStore, Waiting
 from tests.polling import eventually
 
 
@@ -52,3 +52,13 @@ async def test_renewal_stops_when_the_lease_is_someone_elses(redis: Redis) -> No
 
 async def _gone(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
+
+
+async def test_a_wait_shorter_than_a_second_still_waits() -> None:
+    """A busy conversation is retried until `wait_seconds` have passed, however short."""
+    answers: list[Waiting | str] = [Waiting(retry_in_ms=1, inflight=False), "begun"]
+
+    async def attempt() -> Waiting | str:
+        return answers.pop(0)
+
+    assert await wait_for_lease(attempt, wait_seconds=0.5) == "begun"

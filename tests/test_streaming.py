@@ -319,7 +319,7 @@ async def test_a_turn_held_past_its_lease_keeps_it_and_commits(
 ) -> None:
     gateway.stream_gate = asyncio.Event()
     async with (
-        serving(settings, gateway, lock_ttl_seconds=1) as http,
+        serving(settings, gateway, lock_ttl_seconds=1.5) as http,
         http.stream("POST", "/conversations/long/messages", json=streamed()) as response,
     ):
         lines = response.aiter_lines()
@@ -328,7 +328,7 @@ async def test_a_turn_held_past_its_lease_keeps_it_and_commits(
 
         async def held_past_two_leases() -> bool:
             assert await redis.exists("conv:{acme:long}:lock"), "the lease was lost"
-            return time.monotonic() - held > 2.5
+            return time.monotonic() - held > 3.2  # over two leases
 
         await eventually(held_past_two_leases, what="the turn to outlive its lease")
         gateway.stream_gate.set()
@@ -430,12 +430,14 @@ async def test_pacing_pings_a_silent_source_and_ends_it_at_the_deadline() -> Non
 
 
 async def test_the_stand_in_is_as_strict_as_real_gateways() -> None:
-    """Usage streamed only when asked for; tool definitions counted as input."""
+    """Usage streamed only when asked for; tool definitions counted as input; no key is 401; tool
+    results must answer the `tool_calls` right before them, and every call must be answered."""
     fake = FakeGateway()
     body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    key = {"Authorization": "k"}
 
     async def streamed_usage(**extra: Any) -> bool:
-        _, _, content = await fake.respond({}, {**body, "stream": True, **extra})
+        _, _, content = await fake.respond(key, {**body, "stream": True, **extra})
         assert not isinstance(content, bytes)
         return any([b'"usage"' in piece async for piece in content])
 
@@ -445,3 +447,22 @@ async def test_the_stand_in_is_as_strict_as_real_gateways() -> None:
     plain = fake.completion(body)["usage"]["input_tokens"]
     with_tools = fake.completion({**body, "tools": tools})["usage"]["input_tokens"]
     assert with_tools > plain
+    assert (await fake.respond({}, body))[0] == 401
+
+    def call(call_id: str) -> dict[str, Any]:
+        function = {"name": "get_weather", "arguments": "{}"}
+        return {"id": call_id, "type": "function", "function": function}
+
+    asked = {"role": "assistant", "content": None, "tool_calls": [call("a"), call("b")]}
+    question = {"role": "user", "content": "weather?"}
+    answers = [{"role": "tool", "tool_call_id": i, "content": "sunny"} for i in ("a", "b")]
+    cases: list[tuple[int, list[dict[str, Any]]]] = [
+        (200, [question, asked, *answers]),
+        (400, [question, answers[0]]),  # a result whose call was trimmed away
+        (400, [question, asked, answers[0]]),  # a call left unanswered
+        (400, [question, asked, answers[0], question, answers[1]]),
+        (400, [question, {"role": "robot", "content": "beep"}]),
+    ]
+    for status, messages in cases:
+        answered, _, content = await fake.respond(key, {"model": "m", "messages": messages})
+        assert answered == status, (messages, content)

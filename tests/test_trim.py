@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,13 +10,24 @@ from hypothesis import strategies as st
 from service.models import Message, Role
 from service.tokens import (
     ARRAY_OVERHEAD,
+    MESSAGE_OVERHEAD,
+    MIN_FACTOR,
+    NON_TEXT_PART,
     SAFETY_MARGIN,
     corrected,
     message_tokens,
     next_factor,
     text_tokens,
+    tools_tokens,
 )
-from service.trim import BudgetExceeded, choose_window, split_turns
+from service.trim import (
+    BudgetExceeded,
+    choose_window,
+    continues_turn,
+    fetch_scale,
+    jump_start,
+    split_turns,
+)
 
 
 def msg(
@@ -260,3 +272,203 @@ def test_factor_rises_at_once_and_decays_slowly() -> None:
     assert SAFETY_MARGIN < lower < 1.5
     assert next_factor(1.2, 0, 100) == 1.2
     assert next_factor(1.0, 10, 10_000) == 8.0
+
+
+# ---- exact values and boundaries: what mutation testing (`make mutate`) found unprotected ----
+
+
+def turns_of_ten(count: int) -> list[Message]:
+    """`count` turns, each a user message and a reply of 10 tokens each."""
+    return [msg(i + 1, Role.USER if i % 2 == 0 else Role.ASSISTANT) for i in range(2 * count)]
+
+
+def test_only_a_first_message_that_is_not_the_users_continues_the_open_turn() -> None:
+    tool_result = {"role": "tool", "tool_call_id": "a", "content": "found"}
+    assert not continues_turn([])
+    assert not continues_turn([{"role": "user", "content": "hi"}])
+    assert not continues_turn([{"role": "user", "content": "hi"}, tool_result])
+    assert continues_turn([tool_result])
+    assert continues_turn([{"role": "assistant", "content": "go on"}])
+
+
+def test_an_open_turn_without_a_user_message_is_pinned_whole() -> None:
+    history = [
+        msg(1, Role.ASSISTANT, calls=["a"]),
+        msg(2, Role.TOOL, call_id="a"),
+        msg(3, Role.ASSISTANT, calls=["b"]),
+    ]
+    assert split_turns(history) == (history, [])
+    window = choose_window(
+        history=history,
+        stored_count=3,
+        system_tokens=0,
+        new_tokens=5,
+        continues_turn=True,
+        budget=1000,
+        factor=1.0,
+    )
+    assert window.history == history
+
+
+def test_the_413_says_what_the_turn_needs_in_the_gateways_units() -> None:
+    with pytest.raises(BudgetExceeded) as pinned_part:
+        choose_window(
+            history=[],
+            stored_count=0,
+            system_tokens=50,
+            new_tokens=60,
+            continues_turn=False,
+            budget=100,
+            factor=2.0,
+        )
+    needed = 2 * (ARRAY_OVERHEAD + 50 + 60)
+    assert str(pinned_part.value) == (
+        f"the new message(s) need about {needed} tokens; the budget is 100"
+    )
+    with pytest.raises(BudgetExceeded) as open_turn:  # its start lies before the fetched suffix
+        choose_window(
+            history=[msg(5, Role.TOOL, call_id="x"), msg(6, Role.ASSISTANT, calls=["y"])],
+            stored_count=6,
+            system_tokens=0,
+            new_tokens=5,
+            continues_turn=True,
+            budget=1000,
+            factor=2.0,
+        )
+    needed = 2 * (ARRAY_OVERHEAD + 5 + 20)
+    assert str(open_turn.value) == (
+        f"the new message(s) need about {needed} tokens; the budget is 1000"
+    )
+
+
+@pytest.mark.parametrize(
+    ("start", "forwarded", "next_start"),
+    [
+        (3, [3, 4], 3),
+        (5, [], 5),  # a summary covers everything stored: no history, the start stays
+        (6, [1, 2, 3, 4], 1),  # past the log (it was cut back): begin again
+        (0, [1, 2, 3, 4], 1),
+    ],
+)
+def test_a_window_start_is_honoured_only_within_the_log(
+    start: int, forwarded: list[int], next_start: int
+) -> None:
+    window = choose_window(
+        history=turns_of_ten(2),
+        stored_count=4,
+        system_tokens=0,
+        new_tokens=7,
+        continues_turn=False,
+        budget=1000,
+        factor=1.0,
+        start=start,
+        low_water=0.5,
+    )
+    assert [m.seq for m in window.history] == forwarded
+    assert window.start == next_start
+    assert window.dropped_messages == 4 - len(forwarded)
+
+
+def test_a_window_that_fills_the_budget_exactly_keeps_its_start() -> None:
+    window = choose_window(
+        history=turns_of_ten(1),
+        stored_count=2,
+        system_tokens=0,
+        new_tokens=7,
+        continues_turn=False,
+        budget=ARRAY_OVERHEAD + 7 + 20,  # exactly the whole array
+        factor=1.0,
+        low_water=0.5,
+    )
+    assert [m.seq for m in window.history] == [1, 2]
+    assert not window.jumped
+    assert window.estimated_tokens == ARRAY_OVERHEAD + 7 + 20
+
+
+def test_a_jump_keeps_a_turn_that_reaches_the_low_water_mark_exactly() -> None:
+    window = choose_window(
+        history=turns_of_ten(2),
+        stored_count=4,
+        system_tokens=0,
+        new_tokens=7,
+        continues_turn=False,
+        budget=46,  # everything is 50: over, so the start jumps
+        factor=1.0,
+        low_water=0.5,  # 23: the prefix (3) and the newest turn (20), exactly
+    )
+    assert [m.seq for m in window.history] == [3, 4]
+    assert (window.start, window.previous_start, window.jumped) == (3, 1, True)
+    assert list(window.jump_dropped) == [1, 2]
+
+
+def test_a_jump_that_keeps_nothing_starts_after_the_log() -> None:
+    window = choose_window(
+        history=turns_of_ten(2),
+        stored_count=4,
+        system_tokens=0,
+        new_tokens=7,
+        continues_turn=False,
+        budget=20,
+        factor=1.0,
+        low_water=0.5,
+    )
+    assert window.history == []
+    assert window.start == 5
+    assert window.dropped_messages == 4
+
+
+@pytest.mark.parametrize(
+    ("history", "prefix", "budget", "cut"),
+    [
+        ([], 0, 100, 1),
+        (turns_of_ten(2), 10, 100, 3),  # 13 + 20 is within low water (50); 13 + 40 is not
+        (turns_of_ten(2), 0, 100, 1),  # all of it fits
+        (turns_of_ten(2), 60, 100, 5),  # nothing fits: the cut is after the last message
+        (turns_of_ten(2), 7, 60, 3),  # 10 + 20 is exactly the low-water mark (30)
+    ],
+)
+def test_where_the_next_jump_cuts(
+    history: list[Message], prefix: int, budget: int, cut: int
+) -> None:
+    assert (
+        jump_start(history, prefix_tokens=prefix, budget=budget, factor=1.0, low_water=0.5) == cut
+    )
+
+
+@pytest.mark.parametrize("factor", [MIN_FACTOR, 0.5, 1.0, 1.5, 4.0])
+def test_the_store_reads_at_least_a_budget_of_history(factor: float) -> None:
+    """Budget x fetch_scale estimate units are, corrected, at least the budget itself."""
+    assert fetch_scale(factor) * factor >= 1.0
+
+
+def test_estimates_are_exact() -> None:
+    """Each message's estimate is what a preview (`POST .../context`) shows and what the window
+    is cut by: bytes / 4 rounded up, the overhead, every part, tool call and name."""
+    assert text_tokens("a" * 40) == 10
+    assert text_tokens("a" * 41) == 11
+    assert message_tokens({"role": "assistant", "content": None}) == MESSAGE_OVERHEAD
+    parts = [
+        {"type": "text", "text": "a" * 40},
+        {"type": "image_url", "image_url": {"url": "https://x.example/i.png"}},
+        {"type": "text", "text": "b" * 8},
+    ]
+    assert message_tokens({"role": "user", "content": parts}) == (
+        MESSAGE_OVERHEAD + 10 + NON_TEXT_PART + 2
+    )
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    assert message_tokens({"role": "assistant", "content": "a" * 8, "tool_calls": calls}) == (
+        MESSAGE_OVERHEAD + 2 + text_tokens(orjson.dumps(calls).decode())
+    )
+    result = {"role": "tool", "tool_call_id": "c" * 8, "name": "n" * 4, "content": "a" * 4}
+    assert message_tokens(result) == MESSAGE_OVERHEAD + 1 + 2 + 1
+    tools = [{"type": "function", "function": {"name": "f", "description": "d" * 100}}]
+    assert tools_tokens(None) == tools_tokens([]) == 0
+    assert tools_tokens(tools) == text_tokens(orjson.dumps(tools).decode())
+
+
+def test_an_observation_without_a_count_leaves_the_correction_alone() -> None:
+    assert next_factor(1.5, 100, 0) == 1.5  # a gateway that reported no usage
+    assert next_factor(1.5, 0, 100) == 1.5
+    assert next_factor(1.0, 1, 2) == pytest.approx(2 * SAFETY_MARGIN)
+    # One reported token for a hundred estimated: the correction sinks, slowly, to the floor.
+    assert next_factor(1.0, 100, 1) == pytest.approx(1.0 + (MIN_FACTOR - 1.0) * 0.2)

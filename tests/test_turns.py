@@ -9,6 +9,7 @@ import aiohttp
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Connection, ConnectionPool, Redis
 
 from service.auth import Caller
@@ -22,8 +23,8 @@ from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
 from tests.polling import eventually
 
 
-def user(text: str) -> dict[str, Any]:
-    return {"message": {"role": "user", "content": text}}
+def user(text: str, **extra: Any) -> dict[str, Any]:
+    return {"message": {"role": "user", "content": text}, **extra}
 
 
 async def test_concurrent_turns_are_serialized(
@@ -111,6 +112,68 @@ async def test_concurrent_duplicates_make_one_call(
     assert await redis.llen("conv:{acme:d}:log") == 2
 
 
+def turns_by(outcome: str) -> float:
+    return REGISTRY.get_sample_value("convproxy_turns_total", {"outcome": outcome}) or 0.0
+
+
+async def test_while_a_keyed_turn_runs_its_duplicates_are_told_apart(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """While the first request with a key runs (its lease carries the key and body): the same
+    key with another body is 422 at once; the same request waits for it and, past
+    LOCK_WAIT_SECONDS, is 409 "still running"; an unkeyed turn is 409 "busy"."""
+    gateway.hold = asyncio.Event()
+    busy, in_flight = turns_by("busy"), turns_by("idempotent_in_flight")
+    async with serve(make_settings(redis_url, lock_wait_seconds=0.3), gateway) as http:
+        url, key = "/conversations/dup/messages", {"Idempotency-Key": "k-1"}
+        first = asyncio.create_task(http.post(url, json=user("one"), headers=key))
+        await eventually(lambda: gateway.calls == 1, what="the first call")
+        other_body = await http.post(url, json=user("two"), headers=key)
+        same = await http.post(url, json=user("one"), headers=key)
+        unkeyed = await http.post(url, json=user("three"))
+        gateway.hold.set()
+        assert (await first).status_code == 200
+    assert other_body.status_code == 422
+    assert other_body.json()["detail"] == "this Idempotency-Key was used with another request body"
+    assert same.status_code == 409
+    assert same.json()["type"] == "/problems/idempotency-in-flight"
+    assert same.json()["detail"] == "the first request with this Idempotency-Key is still running"
+    assert unkeyed.status_code == 409
+    assert unkeyed.json()["type"] == "/problems/conversation-busy"
+    assert unkeyed.json()["detail"] == "another turn of this conversation ran past 0.3 s"
+    assert same.headers["retry-after"] == unkeyed.headers["retry-after"] == "1"
+    assert (turns_by("busy"), turns_by("idempotent_in_flight")) == (busy + 1, in_flight + 1)
+    assert gateway.calls == 1
+    assert await redis.llen("conv:{acme:dup}:log") == 2
+
+
+async def test_a_key_is_its_own_and_the_body_is_compared_as_sent(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    """Two keys in one conversation keep two answers; a retry whose JSON objects list their
+    keys in another order is the same body (replayed); one that adds a field, even a null one,
+    is another (422)."""
+    url = "/conversations/keys/messages"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    reordered = [{"function": {"parameters": {"type": "object"}, "name": "f"}, "type": "function"}]
+    first = await client.post(url, json=user("one", tools=tools), headers={"Idempotency-Key": "a"})
+    second = await client.post(url, json=user("two"), headers={"Idempotency-Key": "b"})
+    assert first.status_code == second.status_code == 200
+    again = await client.post(
+        url, json=user("one", tools=reordered), headers={"Idempotency-Key": "a"}
+    )
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    replay = await client.post(url, json=user("two"), headers={"Idempotency-Key": "b"})
+    assert replay.json() == second.json()
+    with_null = await client.post(
+        url, json={**user("two"), "model": None}, headers={"Idempotency-Key": "b"}
+    )
+    assert with_null.status_code == 422
+    assert with_null.json()["type"] == "/problems/idempotency-key-reused"
+    assert gateway.calls == 2
+
+
 async def test_failed_idempotent_turn_releases_the_key(
     client: httpx.AsyncClient, gateway: FakeGateway
 ) -> None:
@@ -169,21 +232,27 @@ async def test_the_budget_is_a_cap_as_the_gateway_counts_from_the_first_turn(
 ) -> None:
     """The README calls the budget a cap: every forwarded array, the first turn's included, is
     within it as the stand-in counts (~1 token per 3 characters, +7 per message, where the
-    service estimates ~1 per 4, +4), and the budget is still used, not wasted."""
+    service estimates ~1 per 4, +4), tool definitions included, plain and streamed turns alike,
+    and the budget is still used, not wasted."""
     budget = 600
     settings = make_settings(redis_url, token_budget=budget, trim_low_water=low_water)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "find " * 20}}]
     async with serve(settings, gateway) as http:
         for i in range(30):
-            response = await http.post(
-                "/conversations/cal/messages", json=user(f"turn {i}: " + "lorem ipsum dolor " * 8)
-            )
+            body = user(f"turn {i}: " + "lorem ipsum dolor " * 8)
+            if i % 3 == 1:
+                body["tools"] = tools
+            if i % 3 == 2:
+                body["stream"] = True
+            response = await http.post("/conversations/cal/messages", json=body)
             assert response.status_code == 200
-        counts = [gateway_tokens(body["messages"]) for body in gateway.received]
+        counts = [gateway_tokens(b["messages"], b.get("tools")) for b in gateway.received]
+        assert len(counts) == 30
         assert max(counts) <= budget, counts
         assert max(counts) > budget * 0.85, counts
-        if low_water == 1.0:  # sliding: every full window uses the budget
-            assert min(counts[10:]) > budget * 0.85, counts
-        assert response.json()["conversation"]["context"]["dropped_messages"] > 0
+        if low_water == 1.0:  # sliding: every full window is within a turn of the budget
+            turn = gateway_tokens(gateway.received[-1]["messages"][-1:]) * 2
+            assert min(counts[10:]) > budget - turn - gateway_tokens([], tools), counts
     factor = float(await redis.hget("conv:{acme}:calibration", "claude-sonnet-4-6") or 0)
     assert factor > 1.0  # shared through Redis for every replica
 
@@ -288,3 +357,36 @@ async def test_tool_results_continue_the_open_turn(
     assert response.status_code == 200
     roles = [m["role"] for m in gateway.received[-1]["messages"]]
     assert roles[-3:] == ["user", "assistant", "tool"]
+
+
+async def test_tool_results_pin_their_open_turn_under_a_tight_budget(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """The tool result overflows the window, so its start jumps; the open turn (a long question
+    and the assistant's tool call) is over the low-water share on its own, so a jump that did
+    not pin it to its results would leave them orphaned at the front (the gateway refuses that
+    with 400): it is forwarded whole, with them, within the budget, and the older turns left."""
+    budget = 1000
+    settings = make_settings(redis_url, token_budget=budget, trim_low_water=0.3)
+    question = "where is it? " + "context of the question " * 55  # ~450 tokens as counted
+    async with serve(settings, gateway) as http:
+        for i in range(3):
+            response = await http.post("/conversations/pin/messages", json=user(f"{i} " * 75))
+            assert response.status_code == 200
+        gateway.tool_calls = [
+            {"id": "c1", "type": "function", "function": {"name": "find", "arguments": "{}"}}
+        ]
+        response = await http.post("/conversations/pin/messages", json=user(question))
+        assert response.status_code == 200
+        gateway.tool_calls = None
+        assert response.json()["conversation"]["context"]["dropped_messages"] == 0
+        result = {"role": "tool", "tool_call_id": "c1", "content": "found it: " + "x " * 370}
+        response = await http.post("/conversations/pin/messages", json={"message": result})
+        assert response.status_code == 200, response.text
+    forwarded = gateway.received[-1]["messages"]
+    assert [m["role"] for m in forwarded] == ["user", "assistant", "tool"]
+    assert forwarded[0]["content"] == question
+    assert forwarded[1]["tool_calls"][0]["id"] == "c1"
+    assert gateway_tokens(forwarded) <= budget
+    assert response.json()["conversation"]["context"]["dropped_messages"] == 6
+    assert await redis.llen("conv:{acme:pin}:log") == 10

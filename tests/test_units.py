@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.errors import GatewayError
+from service.errors import GatewayError, IdempotencyKeyReused
 from service.gateway import parse_reply
+from service.idempotency import Idempotency
 from service.streaming import StreamAssembler, completion_as_sse
 from service.upstream_errors import error_text
 from tests.conftest import make_settings, serve
@@ -200,3 +201,11 @@ async def test_cors_preflight_for_allowed_origins(redis_url: str, gateway: FakeG
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_running_turn_is_this_request_only_by_its_key_and_body() -> None:
+    mine = Idempotency("key", "body")
+    assert mine.is_running_as("key", "body")
+    assert not mine.is_running_as("other key", "body")
+    with pytest.raises(IdempotencyKeyReused):
+        mine.is_running_as("key", "other body")

@@ -414,7 +414,15 @@ class ChatService:
             *(m.to_wire() for m in window.history),
             *new_wire,
         ]
-        estimates = [corrected(message_tokens(m), factor) for m in messages]
+        # The history's estimates are stored beside it (trimming used them): measured once, when
+        # stored, so a long window costs no per-message work here (issue 10).
+        raw_estimates = [
+            *(message_tokens(m) for m in system_wire),
+            *([summary.tokens] if summary_wire and summary else []),
+            *(m.tokens for m in window.history),
+            *(message_tokens(m) for m in new_wire),
+        ]
+        estimates = [corrected(tokens, factor) for tokens in raw_estimates]
         breakpoints: list[int] = []
         if needs_breakpoints(model, self._policy.cache_control_models):
             pinned = len(system_wire) + len(summary_wire)

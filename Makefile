@@ -30,6 +30,13 @@ $(VENV)/.chromium: $(STAMP)
 	command -v chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	touch $@
 
+# The Vercel AI SDK for the /v1 test (tests/js): npm ci from its lock file (Debian's nodejs and
+# npm when missing; the test's packages need Node.js 18 or later).
+$(VENV)/.npm: $(STAMP) tests/js/package.json tests/js/package-lock.json
+	command -v npm || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm)
+	cd tests/js && npm ci --no-audit --no-fund
+	touch $@
+
 install: $(STAMP)
 
 # After changing pyproject.toml's dependencies: resolve again and rewrite uv.lock.
@@ -43,7 +50,7 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m tests.demo_stack
 
-test: lint typecheck $(VENV)/.nginx $(VENV)/.chromium
+test: lint typecheck $(VENV)/.nginx $(VENV)/.chromium $(VENV)/.npm
 	$(BIN)/coverage erase && $(BIN)/coverage run -m pytest && $(BIN)/coverage combine -q && $(BIN)/coverage report --fail-under=95
 
 check: test

@@ -13,7 +13,7 @@ import aiohttp
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import demo, detached_routes, editing_routes, end_user_routes, routes
+from service import demo, detached_routes, editing_routes, end_user_routes, openai_routes, routes
 from service.auth import Authenticator
 from service.catalog import ModelCatalog
 from service.chat import ChatService, TurnPolicy
@@ -26,6 +26,8 @@ from service.errors import install_error_handlers
 from service.gateway import GatewayClient
 from service.log_edits import LogEditStore
 from service.middleware import CORS_EXPOSED, RequestMiddleware
+from service.openai_errors import OpenAIErrorShape
+from service.openai_service import OpenAICompletions, StreamPolicy
 from service.openapi import install_openapi
 from service.rate_limits import RateLimiter
 from service.redis_client import open_redis
@@ -55,6 +57,8 @@ class State(TypedDict):
     end_user_tokens: EndUserTokens
     limiter: RateLimiter
     lifecycle: Lifecycle
+    openai: OpenAICompletions
+    catalog: ModelCatalog
 
 
 def _gateway_session(settings: Settings) -> aiohttp.ClientSession:
@@ -202,6 +206,15 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 ),
             )
             stack.push_async_callback(detached.aclose)  # its turns need Redis and the gateway
+            openai = OpenAICompletions(
+                chat,
+                detached,
+                gateway,
+                StreamPolicy(
+                    turn_seconds=cfg.gateway_timeout_seconds, ping_seconds=cfg.sse_ping_seconds
+                ),
+                allowed_extra=cfg.extra_gateway_params(),
+            )
             log.info(
                 "started",
                 extra={
@@ -222,6 +235,8 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 "end_user_tokens": end_user_tokens,
                 "limiter": limiter,
                 "lifecycle": life,
+                "openai": openai,
+                "catalog": catalog,
             }
             life.draining = True
             log.info("stopping")
@@ -238,12 +253,14 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
     app.include_router(editing_routes.router)
     app.include_router(end_user_routes.router)
     app.include_router(routes.ops)
+    app.include_router(openai_routes.router)
     own_routes = [
         *routes.router.routes,
         *detached_routes.router.routes,
         *editing_routes.router.routes,
         *end_user_routes.router.routes,
         *routes.ops.routes,
+        *openai_routes.router.routes,
     ]
     if cfg.demo_page:
         app.include_router(demo.router)
@@ -256,7 +273,14 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST", "PUT", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "X-Request-ID",
+                "X-Conversation-Id",  # /v1/chat/completions (service/openai_routes.py)
+                "X-Detach",
+            ],
             expose_headers=CORS_EXPOSED.split(", "),
         )
     app.add_middleware(
@@ -266,4 +290,6 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
         body_timeout_seconds=cfg.body_timeout_seconds,
         max_concurrency=cfg.max_concurrency,
     )
+    # Outermost: OpenAI's error shape under /v1/, whichever layer answered the error.
+    app.add_middleware(OpenAIErrorShape)
     return app

@@ -26,13 +26,20 @@ def needs_breakpoints(model: str, patterns: Sequence[str]) -> bool:
 
 
 def _marks(value: Any) -> int:
-    """cache_control markers a client put anywhere in a message or tool definition."""
+    """cache_control markers a client put anywhere in a message or tool definition. Plain loops
+    that step into containers only: every turn of a Claude model walks its whole window."""
+    count = 0
     if isinstance(value, dict):
-        own = 1 if isinstance(value.get("cache_control"), dict) else 0
-        return own + sum(_marks(v) for k, v in value.items() if k != "cache_control")
-    if isinstance(value, list):
-        return sum(_marks(v) for v in value)
-    return 0
+        if isinstance(value.get("cache_control"), dict):
+            count = 1
+        for key, item in value.items():
+            if key != "cache_control" and isinstance(item, dict | list):
+                count += _marks(item)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict | list):
+                count += _marks(item)
+    return count
 
 
 def place_breakpoints(

@@ -1,7 +1,8 @@
 """The gateway's model catalog (`GET {GATEWAY_URL}/models`, no key needed): each model's context
 length, so a conversation that names no budget never forwards more than its model can take.
 
-Read in the background from start-up on and refreshed hourly; a failed read keeps the last copy
+Read in the background from start-up on and refreshed hourly (`GET /v1/models` reads it again when
+its copy is older than a minute); a failed read keeps the last copy
 (or none: budgets are then TOKEN_BUDGET alone) and is tried again after a minute. Turns only read
 the copy in memory: no call, no wait, and start-up never waits for the gateway.
 """
@@ -11,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+
+from service.models import JSONObject
 
 log = logging.getLogger("service.catalog")
 
@@ -71,15 +75,37 @@ def catalog_budget(
     return default, "token_budget_setting"
 
 
+def listed_models(body: Any) -> list[JSONObject]:
+    """The catalog's entries that have an id, as the gateway listed them (`GET /v1/models`)."""
+    entries = body.get("data") if isinstance(body, dict) else body
+    return [
+        entry
+        for entry in (entries if isinstance(entries, list) else [])[:MAX_MODELS]
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+    ]
+
+
 class ModelCatalog:
     def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + "/models"
         self._limits: dict[str, ModelLimits] = {}
+        self._entries: list[JSONObject] | None = None  # None: never read
+        self._read_at = 0.0  # monotonic time of the last successful read
+        self._reading = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def limits(self, model: str) -> ModelLimits | None:
         return self._limits.get(model)
+
+    async def listing(self, max_age_seconds: float) -> list[JSONObject] | None:
+        """The gateway's model list, read again when the copy is older than `max_age_seconds`
+        (one read at a time); the last copy when that read fails; None if none was ever read."""
+        if self._entries is None or time.monotonic() - self._read_at > max_age_seconds:
+            async with self._reading:
+                if self._entries is None or time.monotonic() - self._read_at > max_age_seconds:
+                    await self.refresh()
+        return self._entries
 
     async def refresh(self) -> bool:
         """Read the catalog once; False (keeping the last copy) when that fails."""
@@ -88,12 +114,15 @@ class ModelCatalog:
             async with self._session.get(self._url, timeout=timeout) as response:
                 if response.status != 200:
                     raise ValueError(f"status {response.status}")
-                limits = parse_catalog(orjson.loads(await response.read()))
+                body = orjson.loads(await response.read())
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             log.warning("model catalog not read", extra={"error": type(exc).__name__})
             return False
+        limits = parse_catalog(body)
         if limits:
             self._limits = limits
+        self._entries = listed_models(body)
+        self._read_at = time.monotonic()
         return True
 
     def start(self) -> None:

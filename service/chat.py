@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -180,12 +180,16 @@ class ChatService:
         caller: Caller,
         request_id: str,
         idempotency_key: str | None,
+        on_open: Callable[[JSONObject], None] | None = None,
     ) -> tuple[AsyncIterator[bytes], bool]:
         """Open a streamed turn. Errors up to the gateway's first byte raise here; the returned
         iterator relays the chunks, commits at the end, and stores nothing if cut short.
-        The flag says whether this is an idempotent replay."""
+        The flag says whether this is an idempotent replay. `on_open` is given the
+        `conversation` object as known before the first byte (for response headers)."""
         opened = await self._open(ref, request, idempotency_key, caller, request_id)
         if isinstance(opened, Replay):
+            if on_open is not None:
+                on_open(orjson.loads(opened.body).get("conversation") or {})
             return _replay_as_sse(opened.body), True
         try:
             upstream = await self._gateway.open_stream(
@@ -197,6 +201,8 @@ class ChatService:
         except BaseException:
             await self._abandon(opened)
             raise
+        if on_open is not None:
+            on_open(_conversation(opened))
         return self._relay(opened, upstream), False
 
     async def _relay(self, turn: _Turn, upstream: UpstreamStream) -> AsyncIterator[bytes]:
@@ -431,7 +437,15 @@ class ChatService:
             *(m.to_wire() for m in window.history),
             *new_wire,
         ]
-        estimates = [corrected(message_tokens(m), factor) for m in messages]
+        # The history's estimates are stored beside it (trimming used them): measured once, when
+        # stored, so a long window costs no per-message work here (issue 10).
+        raw_estimates = [
+            *(message_tokens(m) for m in system_wire),
+            *([summary.tokens] if summary_wire and summary else []),
+            *(m.tokens for m in window.history),
+            *(message_tokens(m) for m in new_wire),
+        ]
+        estimates = [corrected(tokens, factor) for tokens in raw_estimates]
         breakpoints: list[int] = []
         if needs_breakpoints(model, self._policy.cache_control_models):
             pinned = len(system_wire) + len(summary_wire)
@@ -521,19 +535,10 @@ class ChatService:
             )
             for i, wire in enumerate(wires)
         ]
-        conversation = {
-            "id": turn.ref.id,
-            "message_count": first_seq - 1 + len(records),
-            "context": {
-                "messages": len(turn.payload["messages"]),
-                "estimated_tokens": turn.window.estimated_tokens,
-                "dropped_messages": turn.window.dropped_messages,
-                "token_budget": turn.budget,
-                "window_start": turn.window.start,
-                "cache_read_input_tokens": reply.usage.cache_read,
-                "cache_creation_input_tokens": reply.usage.cache_write,
-                **turn_context(turn.summary, turn.first_seq),
-            },
+        conversation = _conversation(turn)
+        conversation["context"] |= {
+            "cache_read_input_tokens": reply.usage.cache_read,
+            "cache_creation_input_tokens": reply.usage.cache_write,
         }
         body = orjson.dumps({**completion, "conversation": conversation})
         meta_updates: dict[str, str] = {}
@@ -614,6 +619,24 @@ def refusal(ref: ConversationRef, refused: Refused, seq: int | None) -> ServiceE
     if refused.reason == "role":
         return InvalidRequest(f"replace_from: message {seq} is not a user message")
     return NothingToRegenerate(f"conversation {ref.id!r} has no user message to answer again")
+
+
+def _conversation(turn: _Turn) -> JSONObject:
+    """The `conversation` object of a turn's answer, as far as it is known before the gateway
+    answers: a turn stores its new messages and one reply (after the message a regenerate
+    answers again, which stays)."""
+    return {
+        "id": turn.ref.id,
+        "message_count": turn.started.length + len(turn.carried) + len(turn.new_messages) + 1,
+        "context": {
+            "messages": len(turn.payload["messages"]),
+            "estimated_tokens": turn.window.estimated_tokens,
+            "dropped_messages": turn.window.dropped_messages,
+            "token_budget": turn.budget,
+            "window_start": turn.window.start,
+            **turn_context(turn.summary, turn.first_seq),
+        },
+    }
 
 
 async def _replay_as_sse(body: bytes) -> AsyncIterator[bytes]:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -33,6 +33,7 @@ from service.auth import Caller
 from service.chat import ChatService
 from service.errors import ServiceError
 from service.idempotency import Idempotency, fingerprint, key_hash
+from service.models import JSONObject
 from service.schemas import TurnCreate, TurnStatus
 from service.store import ConversationRef
 from service.streaming import DONE, PING_COMMENT, sse_event
@@ -135,6 +136,7 @@ class DetachedTurns:
         caller: Caller,
         request_id: str,
         idempotency_key: str | None,
+        on_open: Callable[[JSONObject], None] | None = None,
     ) -> tuple[AsyncIterator[bytes], bool]:
         """Start a detached turn (or attach to the one this Idempotency-Key started) and follow
         it from its first event. Errors up to the gateway's first byte raise here, as for any
@@ -155,7 +157,12 @@ class DetachedTurns:
         # fails to start leaves only this key, which expires within a lease.
         await self._journal.mark_alive(ref, turn_id, self._lease_ms)
         events, replayed = await self._chat.stream(
-            ref, request, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+            ref,
+            request,
+            caller=caller,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            on_open=on_open,
         )
         if replayed:
             return events, True

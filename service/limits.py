@@ -13,6 +13,9 @@ from typing import Any
 # Deeper than any real message (a tool call's arguments are a string); well under the 200 levels
 # at which pydantic's JSON reader refuses a stored record, and orjson's 255.
 MAX_JSON_DEPTH = 32
+# An OpenAI-style request may carry the whole history (service/openai_compat.py); what is new in
+# it is held to MAX_NEW_MESSAGES like any turn.
+MAX_REQUEST_MESSAGES = 10_000
 MAX_NEW_MESSAGES = 256  # per turn: a user message, or an assistant's tool calls and their results
 MAX_CONTENT_PARTS = 256  # per message
 MAX_TOOL_CALLS = 128  # per message

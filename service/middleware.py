@@ -96,7 +96,9 @@ def cors_headers(origins: frozenset[str], origin: bytes | None) -> list[tuple[by
 
 CORS_EXPOSED = (
     "X-Request-ID, Idempotent-Replayed, Retry-After, "
-    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, RateLimit-Policy"
+    "RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset, RateLimit-Policy, "
+    "X-Conversation-Id, X-Conversation-Messages, X-Context-Messages, X-Context-Tokens, "
+    "X-Context-Dropped"
 )
 
 

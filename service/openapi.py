@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service import limits
 from service.config import Settings
-from service.schemas import ExportHeader, Problem
+from service.schemas import CONVERSATION_ID, ExportHeader, Problem
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _STATUS_MEANINGS = {
@@ -89,6 +89,8 @@ _ERRORS: dict[tuple[str, str], list[int]] = {
     ("get", "/conversations/{conversation_id}/stream"): _CONVERSATION,
     ("post", "/conversations/{conversation_id}/cancel"): [401, 403, 409, 422, 429, 503],
     ("get", "/readyz"): [503],
+    ("post", "/v1/chat/completions"): sorted(_STATUS_MEANINGS),
+    ("get", "/v1/models"): [401, 403, 429, 502, 503],
 }
 _SAME_ID = {"conversation_id": "$request.path.conversation_id"}
 # operationId of the target -> link name; every write to a conversation leads to its reads.
@@ -121,6 +123,26 @@ _OPERATION_IDS = {
     ("delete", "/conversations/{conversation_id}/messages"): "TruncateMessages",
     ("get", "/conversations/{conversation_id}/export"): "ExportConversation",
     ("post", "/conversations/{conversation_id}/import"): "ImportConversation",
+    ("post", "/v1/chat/completions"): "CreateChatCompletion",
+    ("get", "/v1/models"): "ListModels",
+}
+OPENAI_ERROR = {
+    "title": "OpenAIError",
+    "description": "Every error under /v1/ (OpenAI's shape), with the status our own routes give",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code", "param"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "code": {"type": ["string", "null"]},
+                "param": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 
 
@@ -226,6 +248,93 @@ def _import_lines(message: dict[str, Any], schemas: dict[str, Any]) -> dict[str,
     }
 
 
+def _openai_messages(schemas: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI request's message, one shape per role: ours (without `cache_control`), plus
+    `system` / `developer` (the system prompt) and an assistant's echoed `refusal`."""
+    ours = schemas["MessageCreate"]["oneOf"]
+    user, assistant, tool = (
+        {
+            **shape,
+            "properties": {k: v for k, v in shape["properties"].items() if k != "cache_control"},
+        }
+        for shape in ours
+    )
+    assistant["properties"]["refusal"] = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    system = [
+        {
+            "type": "object",
+            "properties": {
+                "role": {"const": role},
+                "content": _text_or_parts(),
+                "name": user["properties"]["name"],
+            },
+            "required": ["role", "content"],
+            "additionalProperties": False,
+        }
+        for role in ("system", "developer")
+    ]
+    return {
+        "type": "array",
+        "items": {"oneOf": [*system, user, assistant, tool]},
+        "minItems": 1,
+        "maxItems": limits.MAX_REQUEST_MESSAGES,
+        "description": "The conversation's new messages (or, issue 15, its whole history); "
+        "leading system or developer messages set the system prompt; the last is a user or "
+        "tool message.",
+    }
+
+
+def _openai_request(schemas: dict[str, Any]) -> None:
+    """`ChatCompletionCreate`: the gateway parameters it forwards are our own route's, checked
+    by the same model, so their schemas are copied from `TurnCreate`."""
+    body = schemas["ChatCompletionCreate"]
+    turn = schemas["TurnCreate"]["properties"]
+    params = {
+        name: turn[name]
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "tools",
+            "tool_choice",
+            "response_format",
+            "fallbacks",
+            "fallback_config",
+            "post_processing_steps",
+            "transcript_id",
+            "model_region",
+        )
+    }
+    dropped = {
+        "user": {"type": "string", "description": "Accepted and not forwarded"},
+        "store": {"type": "boolean", "description": "Accepted and not forwarded"},
+        "service_tier": {"type": "string", "description": "Accepted and not forwarded"},
+        "parallel_tool_calls": {"type": "boolean", "description": "Accepted and not forwarded"},
+    }
+    body["properties"] = {**body["properties"], **params, **dropped}
+    body["properties"]["messages"] = _openai_messages(schemas)
+    body["properties"]["metadata"] = {
+        "anyOf": [
+            {
+                "type": "object",
+                "maxProperties": 16,
+                "propertyNames": {"maxLength": 64},
+                "additionalProperties": {"type": "string", "maxLength": 512},
+                "properties": {
+                    "conversation_id": {
+                        "type": "string",
+                        "pattern": CONVERSATION_ID.pattern,
+                        "description": "The conversation, when no X-Conversation-Id header "
+                        "names one",
+                    }
+                },
+            },
+            {"type": "null"},
+        ]
+    }
+
+
 def _not_null(parameter: dict[str, Any]) -> None:
     """An optional header or query parameter is absent or a string: never JSON's null, which
     FastAPI writes for `X | None`."""
@@ -240,6 +349,7 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["Problem"] = Problem.model_json_schema()
+    schemas["OpenAIError"] = OPENAI_ERROR
     schemas["MessageCreate"] = _message_schema()
     schemas["ImportLines"] = _import_lines(schemas["MessageCreate"], schemas)
     schemas["ContentPart"]["if"] = {"properties": {"type": {"const": "text"}}}
@@ -264,6 +374,7 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
             "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
         }
     )
+    _openai_request(schemas)
     turn = schemas["TurnCreate"]["properties"]
     # A single new message is the last one: a user message or a tool result.
     turn["message"] = {"oneOf": [schemas["MessageCreate"]["oneOf"][i] for i in (0, 2)]}
@@ -296,16 +407,21 @@ def _complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 operation["operationId"] = _OPERATION_IDS[key]
             if path.startswith("/conversations"):
                 operation["security"] = [{"clientKey": []}, {"endUserToken": []}]
-            elif path == "/end-user-tokens":
+            elif path == "/end-user-tokens" or path.startswith("/v1/"):
                 operation["security"] = [{"clientKey": []}]
             for parameter in operation.get("parameters", []):
                 _not_null(parameter)
             responses = operation["responses"]
             responses.pop("422", None)
+            error_content = (
+                {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIError"}}}
+                if path.startswith("/v1/")
+                else {"application/problem+json": {"schema": PROBLEM_REF}}
+            )
             for status in _ERRORS.get(key, []):
                 responses[str(status)] = {
                     "description": _STATUS_MEANINGS[status],
-                    "content": {"application/problem+json": {"schema": PROBLEM_REF}},
+                    "content": error_content,
                 }
             for (link_method, link_path, code), targets in _LINKS.items():
                 if (link_method, link_path) == key:

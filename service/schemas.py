@@ -136,7 +136,7 @@ class MessageCreate(BaseModel):
         return self.content
 
 
-def _refuse_early(value: Any, lists: dict[str, int]) -> Any:
+def refuse_early(value: Any, lists: dict[str, int]) -> Any:
     """Shape checks on the raw body, before any model is built: list lengths (cheapest), then
     depth."""
     if not isinstance(value, dict):
@@ -188,7 +188,7 @@ class TurnParams(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _bounded(cls, value: Any) -> Any:
-        return _refuse_early(
+        return refuse_early(
             value,
             {
                 "messages": limits.MAX_NEW_MESSAGES,
@@ -385,7 +385,7 @@ class ConversationUpdate(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _bounded(cls, value: Any) -> Any:
-        return _refuse_early(value, {})
+        return refuse_early(value, {})
 
     @field_validator("metadata")
     @classmethod

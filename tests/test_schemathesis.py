@@ -21,6 +21,7 @@ from schemathesis.config._checks import (
 )
 from schemathesis.engine import Status, events
 
+from service.limits import MAX_NEW_MESSAGES
 from tests.processes import E2E_CLIENT_KEY, GatewayProcess, Replica, start_replicas, stop_all
 
 EXAMPLES_PER_OPERATION = 40
@@ -145,17 +146,27 @@ schemathesis.serializer("application/jsonl")(_json_lines)
 def _within_unwritten_rules(_context: Any, case: Any) -> Any:
     """Rules a JSON Schema cannot state, applied to data meant to be valid: text is valid
     Unicode and integers fit in 64 bits, the last of several new messages is a user or tool
-    message, an Idempotency-Key is reused only with the same body, `replace_from` names a stored
-    user message (left out here), the first message it replaces with is a user message, and an
-    import's messages come with `seq` their position (each rule is tested on its own
-    elsewhere)."""
+    message (on /v1, system messages come first), a detached /v1 turn is a streamed turn of a
+    conversation, an Idempotency-Key is reused only with the same body, `replace_from` names a
+    stored user message (left out here), and an import's messages come with `seq` their
+    position (each rule is tested on its own elsewhere)."""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return case
     case.body = body = _encodable(case.body)
     if isinstance(body, dict) and isinstance(body.get("messages"), list) and body["messages"]:
+        # /v1 admits a whole history (10,000 messages); what is new in it is at most 256.
+        del body["messages"][MAX_NEW_MESSAGES - 1 :]
+        # /v1: system and developer messages only open the conversation (the system prompt).
+        body["messages"].sort(
+            key=lambda m: not (isinstance(m, dict) and m.get("role") in ("system", "developer"))
+        )
         last = body["messages"][-1]
-        if isinstance(last, dict) and last.get("role") == "assistant":
+        if isinstance(last, dict) and last.get("role") not in ("user", "tool"):
             body["messages"].append({"role": "user", "content": "go on"})
+    # /v1: a detached turn (X-Detach) is a streamed turn of a conversation.
+    if case.headers and case.headers.get("X-Detach") == "true" and isinstance(body, dict):
+        body["stream"] = True
+        case.headers.setdefault("X-Conversation-Id", "detached-1")
     if isinstance(body, dict):
         body.pop("replace_from", None)
     if isinstance(body, list):

@@ -1,0 +1,223 @@
+"""OpenAICompletions: `/v1/chat/completions` on top of ChatService (issue 12).
+
+A request that names a conversation is a turn like any other: ChatService takes the lease,
+trims, calls the gateway and commits (idempotency, summaries and cache breakpoints included);
+only the edges are translated (service/openai_compat.py). A request without one goes to the
+gateway as it is and touches no Redis key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import orjson
+from pydantic import ValidationError
+
+from service.auth import Caller
+from service.chat import ChatService
+from service.detached import DetachedTurns
+from service.errors import GatewayError, InvalidRequest, ServiceError
+from service.gateway import GatewayClient, UpstreamStream, record_upstream_time
+from service.openai_compat import (
+    ChatCompletionCreate,
+    ChunkTranslator,
+    Identity,
+    completion,
+    error_body,
+)
+from service.openai_compat import conversation_headers as headers_of
+from service.relay import relay_upstream
+from service.schemas import TurnCreate
+from service.sse import SSEDecoder
+from service.store import ConversationRef
+from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_data
+
+log = logging.getLogger("service.openai")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPolicy:
+    turn_seconds: float  # GATEWAY_TIMEOUT_SECONDS
+    ping_seconds: float  # SSE_PING_SECONDS
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the route sends: a JSON body or an SSE stream, and the headers to send with it."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    events: AsyncIterator[bytes] | None = None
+
+
+def invalid(exc: ValidationError | ValueError) -> InvalidRequest:
+    """A body our own turn model refused, said as our route says it (field path first)."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for error in exc.errors()[:10]:
+            where = ".".join(str(p) for p in error.get("loc", ()))
+            text = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(f"{where}: {text}" if where else text)
+        return InvalidRequest("; ".join(parts))
+    return InvalidRequest(str(exc))
+
+
+class OpenAICompletions:
+    def __init__(
+        self,
+        chat: ChatService,
+        detached: DetachedTurns,
+        gateway: GatewayClient,
+        policy: StreamPolicy,
+        *,
+        allowed_extra: frozenset[str],
+    ) -> None:
+        self._chat = chat
+        self._detached = detached
+        self._gateway = gateway
+        self._policy = policy
+        self._allowed_extra = allowed_extra
+
+    def _checked(self, turn: TurnCreate) -> TurnCreate:
+        unknown = turn.unknown_fields(self._allowed_extra)
+        if unknown:
+            raise InvalidRequest(
+                f"{unknown[0]}: not a parameter this service forwards "
+                "(the operator may allow it with GATEWAY_EXTRA_PARAMS)"
+            )
+        return turn
+
+    async def create(
+        self,
+        body: ChatCompletionCreate,
+        *,
+        caller: Caller,
+        conversation_id: str | None,
+        request_id: str,
+        idempotency_key: str | None,
+        detach: bool,
+    ) -> Answer:
+        if detach and (conversation_id is None or not body.stream):
+            raise InvalidRequest(
+                "X-Detach: a detached turn needs a conversation id and `stream: true`"
+            )
+        try:
+            system, rest = body.split()
+            if conversation_id is None:
+                turn = self._checked(body.turn(None, rest, stream=body.stream))
+            else:
+                turn = self._checked(body.turn(system, rest, stream=body.stream, detach=detach))
+        except (ValidationError, ValueError) as exc:
+            raise invalid(exc) from exc
+        identity = Identity(request_id, body.model)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        if conversation_id is None:
+            return await self._stateless(body, turn, identity, include_usage, caller, request_id)
+        ref = ConversationRef(tenant=caller.tenant, id=conversation_id)
+        answer = Answer(headers={"X-Conversation-Id": conversation_id})
+        if not body.stream:
+            result = await self._chat.turn(
+                ref, turn, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+            )
+            stored = orjson.loads(result.body)
+            answer.headers.update(headers_of(stored.get("conversation")))
+            if result.replayed:
+                answer.headers["Idempotent-Replayed"] = "true"
+            answer.body = orjson.dumps(completion(stored, identity))
+            return answer
+        start = self._detached.start if detach else self._chat.stream
+        events, replayed = await start(
+            ref,
+            turn,
+            caller=caller,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            on_open=lambda conversation: answer.headers.update(headers_of(conversation)),
+        )
+        if replayed:
+            answer.headers["Idempotent-Replayed"] = "true"
+        answer.events = translated(events, ChunkTranslator(identity, include_usage=include_usage))
+        return answer
+
+    async def _stateless(
+        self,
+        body: ChatCompletionCreate,
+        turn: TurnCreate,
+        identity: Identity,
+        include_usage: bool,
+        caller: Caller,
+        request_id: str,
+    ) -> Answer:
+        """No conversation: the request goes to the gateway as sent, nothing is read or stored."""
+        payload = body.stateless_payload(turn.gateway_params())
+        deadline = asyncio.get_running_loop().time() + self._policy.turn_seconds
+        if not body.stream:
+            upstream, _ = await self._gateway.complete(
+                payload, client_key=caller.upstream_key, request_id=request_id, deadline=deadline
+            )
+            return Answer(body=orjson.dumps(completion(upstream, identity)))
+        opened = await self._gateway.open_stream(
+            payload, client_key=caller.upstream_key, request_id=request_id, deadline=deadline
+        )
+        translator = ChunkTranslator(identity, include_usage=include_usage)
+        return Answer(events=translated(self._relay(opened, deadline), translator))
+
+    async def _relay(self, upstream: UpstreamStream, deadline: float) -> AsyncIterator[bytes]:
+        """A stateless stream in the service's own SSE (as ChatService relays a turn's)."""
+        try:
+            if upstream.completion is not None:  # the model ignored stream: true
+                for event in completion_as_sse(upstream.completion):
+                    yield event
+            else:
+                pieces = relay_upstream(
+                    upstream,
+                    StreamAssembler(),
+                    deadline=deadline,
+                    ping_seconds=self._policy.ping_seconds,
+                    limit_seconds=self._policy.turn_seconds,
+                )
+                async with contextlib.aclosing(pieces):
+                    async for piece in pieces:
+                        yield piece
+            yield DONE
+        except (ServiceError, ValueError) as exc:  # ValueError: a chunk that is not JSON
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else GatewayError(f"the gateway's stream failed ({type(exc).__name__})")
+            )
+            log.warning("stateless stream failed", extra={"error": type(exc).__name__})
+            yield b"event: error\n" + sse_data({"error": error.problem()})
+        finally:
+            record_upstream_time(upstream.started)
+            await upstream.aclose()
+
+
+async def translated(
+    events: AsyncIterator[bytes], translator: ChunkTranslator
+) -> AsyncIterator[bytes]:
+    """The service's own SSE as OpenAI's: chunks translated, `event: conversation` left out
+    (its facts are in the headers), an error as the `data: {"error": ...}` event the SDKs raise
+    on, pings and (for a detached turn) event ids kept. An event left out leaves no trace: an
+    `id:` without `data` is an event the SDKs try, and fail, to parse."""
+    decoder = SSEDecoder()
+    async with contextlib.aclosing(events):  # type: ignore[type-var] # an async generator
+        async for piece in events:
+            if piece.startswith(b":"):  # a keep-alive comment
+                yield piece
+                continue
+            for event in decoder.feed(piece):
+                prefix = f"id: {event.id}\n".encode() if event.id else b""
+                if event.data == "[DONE]":
+                    yield prefix + DONE
+                elif event.event == "error":
+                    problem = orjson.loads(event.data).get("error")
+                    yield prefix + sse_data(error_body(problem))
+                elif event.event == "message":
+                    chunk = translator.chunk(orjson.loads(event.data))
+                    if chunk is not None:
+                        yield prefix + sse_data(chunk)

@@ -22,7 +22,14 @@ from pydantic import (
 
 from service import limits
 from service.models import JSONObject
-from service.schemas import CONVERSATION_ID, ContentPart, ToolCall, TurnCreate, refuse_early
+from service.schemas import (
+    CONVERSATION_ID,
+    ContentPart,
+    ToolCall,
+    TurnCreate,
+    integral,
+    refuse_early,
+)
 
 # OpenAI's fields that the service reads itself and never forwards as they are.
 OWN_FIELDS = frozenset(
@@ -121,6 +128,9 @@ class ChatCompletionCreate(BaseModel):
     metadata: dict[str, StrictStr] | None = Field(default=None, max_length=16)
     max_completion_tokens: Annotated[int, Field(gt=0, strict=True)] | None = None
     n: Literal[1] | None = None  # one choice: a conversation stores one reply
+
+    # JSON has one number type: 5.0 is the integer 5 to a JSON Schema (and to schemathesis).
+    _whole_max_completion_tokens = field_validator("max_completion_tokens", mode="before")(integral)
 
     @model_validator(mode="before")
     @classmethod

@@ -56,7 +56,7 @@ def _encodable(value: Any) -> bytes:
         ) from exc
 
 
-def _integral(value: object) -> object:
+def integral(value: object) -> object:
     """JSON has one number type: `5.0` is the integer 5 to a JSON Schema, so to us too."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -197,7 +197,7 @@ class TurnParams(BaseModel):
             },
         )
 
-    _whole_max_tokens = field_validator("max_tokens", mode="before")(_integral)
+    _whole_max_tokens = field_validator("max_tokens", mode="before")(integral)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -294,7 +294,7 @@ class TurnCreate(TurnParams):
         _encodable(self.model_dump(mode="json"))
         return self
 
-    _whole_replace_from = field_validator("replace_from", mode="before")(_integral)
+    _whole_replace_from = field_validator("replace_from", mode="before")(integral)
 
     def new_messages(self) -> list[MessageCreate]:
         return [self.message] if self.message is not None else list(self.messages or [])
@@ -362,7 +362,7 @@ class ConversationUpdate(BaseModel):
     # The share of the budget a window jumps back to when it overflows (service/trim.py).
     trim_low_water: Annotated[float, Field(gt=0, le=1, strict=True)] | None = None
 
-    _whole_numbers = field_validator("token_budget", "ttl_seconds", mode="before")(_integral)
+    _whole_numbers = field_validator("token_budget", "ttl_seconds", mode="before")(integral)
 
     def meta_changes(self) -> tuple[dict[str, str], list[str]]:
         """(fields to set, fields to clear) of the conversation's metadata hash."""
@@ -449,7 +449,7 @@ class ForkCreate(BaseModel):
     new_id: StrictStr = Field(min_length=1, max_length=128, pattern=CONVERSATION_ID.pattern)
     through_seq: Annotated[int, Field(ge=1, le=2**53, strict=True)] | None = None
 
-    _whole_through_seq = field_validator("through_seq", mode="before")(_integral)
+    _whole_through_seq = field_validator("through_seq", mode="before")(integral)
 
 
 class EditResult(BaseModel):

@@ -681,3 +681,19 @@ async def test_x_detach_runs_a_detached_turn_read_as_openai_sse(
         "again",
         "reply to: again",
     ]
+
+
+async def test_max_completion_tokens_may_be_an_integral_float(
+    stack: Stack, gateway: FakeGateway
+) -> None:
+    """JSON has one number type: 5.0 is the integer 5 to the schema, so to the route too."""
+    response = await stack.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 5.0,
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert gateway.received[-1]["max_tokens"] == 5

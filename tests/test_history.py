@@ -203,3 +203,13 @@ def test_which_part_is_new() -> None:
         new_part(["a", "b", "c"], log)
     with pytest.raises(HistoryDiverged, match="nothing new"):
         new_part(["a", "b", "c", "d"], log)
+
+
+async def test_what_is_new_is_held_to_the_turn_limit(stack: Stack, redis: Redis) -> None:
+    many: list[ChatCompletionMessageParam] = [user(f"m{i}") for i in range(300)]
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await stack.sdk.chat.completions.create(
+            model="m", messages=many, extra_headers={"X-Conversation-Id": "many"}
+        )
+    assert "at most 256 new messages" in caught.value.message
+    assert await redis.keys("conv:{acme:many}:log") == []

@@ -77,7 +77,8 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return redis.call('LLEN', KEYS[1])
 """
 
-# KEYS: meta, log, tok, lock, stage log, stage tok, idem, idem set, index (unused: the meta key)
+# KEYS: meta, log, tok, lock, stage log, stage tok, idem, idem set, index (unused: the meta
+# key), hash
 # ARGV[1]: JSON {count, now, ttl, fields {k: v}, idem (bool), fingerprint, body, idem_ttl,
 # index (bool), member, index_ttl}.
 # Answers {'replay', body} | {'mismatch'} | {'exists'} | {'incomplete'} | {'ok', body}.
@@ -109,6 +110,9 @@ if p.count > 0 then
   redis.call('RENAME', KEYS[5], KEYS[2])
   redis.call('RENAME', KEYS[6], KEYS[3])
 end
+-- Content hashes (service/history.py) are not copied: a turn that needs them lays the list anew
+-- and computes them from the records.
+redis.call('DEL', KEYS[10])
 for field, value in pairs(p.fields) do redis.call('HSET', KEYS[1], field, value) end
 redis.call('HSET', KEYS[1], 'created_at', p.now, 'updated_at', p.now)
 slide_ttl(KEYS[1], KEYS[2], p.ttl)
@@ -123,7 +127,7 @@ return {'ok', p.body}
 """
 )
 
-# KEYS: log, tok, meta, lock, sumlock, idem, idem set, index (unused: the meta key)
+# KEYS: log, tok, meta, lock, sumlock, idem, idem set, index (unused: the meta key), hash
 # ARGV[1]: JSON {from, now, ttl, idem (bool), fingerprint, idem_ttl, index (bool), member,
 # index_ttl}.  Truncate: the log from seq `from` on is removed (rewrite_from), unless a turn
 # holds the conversation. Answers {'busy', pttl} | {'replay', body} | {'mismatch'} | {'gone'}
@@ -146,10 +150,11 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return {'gone'} end
 local length = redis.call('LLEN', KEYS[1])
 if p.from > length then return {'beyond'} end
 if redis.call('LLEN', KEYS[2]) ~= length then redis.call('DEL', KEYS[2]) end
-local generation = rewrite_from({KEYS[1], KEYS[2]}, KEYS[3], KEYS[5], p.from)
+local generation = rewrite_from({KEYS[1], KEYS[2], KEYS[9]}, KEYS[3], KEYS[5], p.from)
 redis.call('HSET', KEYS[3], 'updated_at', p.now)
 slide_ttl(KEYS[3], KEYS[1], p.ttl)
 slide_ttl(KEYS[3], KEYS[2], p.ttl)
+slide_ttl(KEYS[3], KEYS[9], p.ttl)
 local body = '{"id":' .. cjson.encode(p.member) .. ',"message_count":' .. (p.from - 1)
              .. ',"generation":' .. generation .. '}'
 if p.idem then
@@ -290,6 +295,7 @@ class LogEditStore:
             idem_key,
             ref.key("idemkeys"),
             self._index(ref, ref.key("meta")),
+            ref.key("hash"),
         ]
         argument = orjson.dumps(
             {
@@ -347,6 +353,7 @@ class LogEditStore:
             idem_key,
             ref.key("idemkeys"),
             self._index(ref, ref.key("meta")),
+            ref.key("hash"),
         ]
         argument = orjson.dumps(
             {

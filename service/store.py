@@ -5,6 +5,10 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:tok        list of each message's token estimate, at the same index as in `log`
                         (every script that writes `log` writes it too; a length that differs
                         from the log's makes the next turn rebuild it from the records)
+  conv:{T:I}:hash       list of each message's content hash (service/history.py), at the same
+                        index as in `log`; '' where unknown (stored before it existed). Every
+                        script that appends to or rewrites `log` must cut or extend it in the
+                        same place; a length that differs from the log's lays it anew as unknown
   conv:{T:I}:meta       hash: created_at, updated_at, system, model, token_budget, ttl_seconds,
                         metadata (JSON), usage totals (input_tokens, output_tokens,
                         uncached_input_tokens, cache_read_input_tokens,
@@ -97,6 +101,10 @@ class Started:
     window: list[Message]  # oldest first
     stored: int | None = None  # the log's whole length when a rewrite reads less (`length`)
     again: Message | None = None  # regenerate: the last user message, answered again
+    # Asked for (`hashes=True`): every stored message's content hash, and the records of those
+    # whose hash is unknown yet, by index (the turn computes them, and its commit stores them).
+    hashes: list[str] | None = None
+    unhashed: dict[int, Message] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,15 +168,24 @@ def _window(items: list[bytes], where: ConversationRef) -> list[Message]:
 
 
 def _started(answer: Sequence[Any], ref: ConversationRef) -> Started:
-    """BEGIN_TURN's {'ok', length, meta, suffix, stored, regenerated message}."""
+    """BEGIN_TURN's {'ok', length, meta, suffix, stored, regenerated message[, hashes,
+    unknown (index, record) pairs]}."""
     length, stored = int(answer[1]), int(answer[4])
     again = _readable([answer[5]], ref) if answer[5] else []
+    hashes, unhashed = None, None
+    if len(answer) > 6:
+        pairs = answer[7]
+        records = _readable(pairs[1::2], ref)
+        hashes = [_text(h) for h in answer[6]]
+        unhashed = {int(i): m for i, m in zip(pairs[::2], records, strict=False)}
     return Started(
         length=length,
         meta=_meta(answer[2]),
         window=_window(answer[3], ref),
         stored=stored if stored != length or again else None,
         again=again[0] if again else None,
+        hashes=hashes,
+        unhashed=unhashed,
     )
 
 
@@ -356,12 +373,14 @@ class ConversationStore:
         idempotency: Idempotency | None,
         replace_from: int | None = None,
         regenerate: bool = False,
+        hashes: bool = False,
     ) -> BeginResult:
         """Take the lease and read the window's suffix in one round trip, with the tenant's
-        token-estimate corrections when they are over a second old. With `replace_from` or
-        `regenerate` the history ends before that seq (a user message) or before the last user
-        message; Refused when there is none such."""
-        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
+        token-estimate corrections when they are over a second old (and, with `hashes`, every
+        stored message's content hash). With `replace_from` or `regenerate` the history ends
+        before that seq (a user message) or before the last user message; Refused when there is
+        none such."""
+        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock"), ref.key("hash")]
         if idempotency is not None:
             keys.append(ref.key(f"idem:{idempotency.key_hash}"))
         fields: dict[str, Any] = {
@@ -372,6 +391,7 @@ class ConversationStore:
             "max_messages": max_messages,
             "fingerprint": idempotency.fingerprint if idempotency else "",
             "key_hash": idempotency.key_hash if idempotency else "",
+            "hashes": hashes,
         }
         if replace_from is not None:  # a JSON null would reach the script as cjson.null
             fields["from"] = replace_from
@@ -415,7 +435,7 @@ class ConversationStore:
         regenerate: bool = False,
     ) -> Started | Refused:
         """The window's suffix and metadata as a turn would read them, without its lease."""
-        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
+        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock"), ref.key("hash")]
         fields: dict[str, Any] = {
             "peek": True,
             "budget": default_budget,
@@ -443,6 +463,8 @@ class ConversationStore:
         record: IdempotentRecord | None,
         model: str,
         factor: float | None,
+        hashes: Sequence[str] = (),
+        known_hashes: dict[int, str] | None = None,
         rewrite_from: int | None = None,
     ) -> Literal["ok", "lost", "conflict"]:
         """Append the turn, update metadata, usage totals, index and TTL, store the idempotent
@@ -462,6 +484,7 @@ class ConversationStore:
             idem_key,
             ref.key("idemkeys") if record else log,
             ref.index_key if index_inline else log,
+            ref.key("hash"),
             ref.key("sumlock"),
         ]
         rewrite = {} if rewrite_from is None else {"from": rewrite_from}
@@ -487,6 +510,9 @@ class ConversationStore:
                 },
                 "messages": [m.model_dump_json(exclude_none=True) for m in messages],
                 "tokens": [m.tokens for m in messages],
+                # One per message ('' when the caller computed none: unknown until needed).
+                "hashes": list(hashes) or [""] * len(messages),
+                "known": sorted((known_hashes or {}).items()),
                 "meta": meta_updates,
             }
         )
@@ -569,7 +595,7 @@ class ConversationStore:
     ) -> bool:
         """Create or update settings; True when the conversation was created."""
         now = time.time()
-        keys = [ref.key("meta"), ref.key("log"), ref.key("tok")]
+        keys = [ref.key("meta"), ref.key("log"), ref.key("tok"), ref.key("hash")]
         index_inline = not self._cluster
         if index_inline:
             keys.append(ref.index_key)
@@ -616,6 +642,7 @@ class ConversationStore:
             ref.key("lock"),
             ref.key("idemkeys"),
             ref.key("tok"),
+            ref.key("hash"),
         ]
         if not self._cluster:
             keys.append(ref.index_key)

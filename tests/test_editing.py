@@ -12,6 +12,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from service.history import message_hash
+from service.models import Message
 from service.store import _meta
 from service.summary_plan import fields_to_forget
 from tests.conftest import make_settings, serve
@@ -57,6 +59,7 @@ async def test_truncate_removes_the_tail_and_cuts_every_list(
     assert await contents(client, "t") == ["one", "reply to: one"]
     assert await redis.llen("conv:{acme:t}:log") == 2
     assert await redis.llen("conv:{acme:t}:tok") == 2
+    assert await redis.llen("conv:{acme:t}:hash") == 2
     # The next turn appends after the cut, at seq 3.
     await turns(client, "t", "four")
     page = (await client.get("/conversations/t/messages")).json()
@@ -445,6 +448,7 @@ async def test_regenerate_replaces_the_last_reply(
     assert sent["max_tokens"] == 50
     assert await contents(client, "g") == ["one", "reply to: one", "two", "another answer to: two"]
     assert await redis.llen("conv:{acme:g}:tok") == 4
+    assert await redis.llen("conv:{acme:g}:hash") == 4
     assert await redis.hget(meta_key("g"), "generation") == b"1"
 
 
@@ -552,6 +556,12 @@ async def test_edit_and_resend_replaces_from_a_user_message(
     seqs = [m["seq"] for m in (await client.get("/conversations/ed/messages")).json()["messages"]]
     assert seqs == [1, 2, 3, 4]  # the replacements take the seqs of what they replaced
     assert await redis.llen("conv:{acme:ed}:tok") == 4
+    hashes = await redis.lrange("conv:{acme:ed}:hash", 0, -1)
+    records = await redis.lrange("conv:{acme:ed}:log", 0, -1)
+    # Each content hash (service/history.py) is the hash of the message now at its place.
+    assert [h.decode() if isinstance(h, bytes) else h for h in hashes] == [
+        message_hash(Message.model_validate_json(r).to_wire()) for r in records
+    ]
 
 
 async def test_edit_and_resend_refuses_a_wrong_seq(client: httpx.AsyncClient) -> None:

@@ -21,7 +21,7 @@ from service.auth import Caller
 from service.chat import ChatService
 from service.detached import DetachedTurns
 from service.errors import GatewayError, InvalidRequest, ServiceError
-from service.gateway import GatewayClient, UpstreamStream, record_upstream_time
+from service.gateway import GatewayClient, UpstreamStream, parse_reply, record_upstream_time
 from service.openai_compat import (
     ChatCompletionCreate,
     ChunkTranslator,
@@ -189,6 +189,7 @@ class OpenAICompletions:
         """A stateless stream in the service's own SSE (as ChatService relays a turn's)."""
         try:
             if upstream.completion is not None:  # the model ignored stream: true
+                parse_reply(upstream.completion)  # not a completion: an error, as on a turn
                 for event in completion_as_sse(upstream.completion):
                     yield event
             else:

@@ -556,6 +556,25 @@ async def test_stateless_stream_error_and_ignored_stream(
     assert await redis.keys("*") == []
 
 
+async def test_a_stateless_stream_answered_by_a_non_completion_is_an_error(
+    stack: Stack, gateway: FakeGateway, redis: Redis
+) -> None:
+    """A gateway that ignores `stream: true` and answers JSON that is no completion: the
+    stateless stream says so (as a turn's stream does), never an empty answer and [DONE]."""
+    gateway.failures = [Failure(200, {"foo": 1})]
+    stream = await stack.sdk.chat.completions.create(
+        model="m", messages=[user("anything")], stream=True
+    )
+
+    async def read() -> list[Any]:
+        return [chunk async for chunk in stream]
+
+    with pytest.raises(openai.APIError) as caught:
+        await read()
+    assert "no choices" in caught.value.message
+    assert await redis.keys("*") == []
+
+
 async def test_models_lists_the_gateways_catalog(stack: Stack, gateway: FakeGateway) -> None:
     gateway.catalog = [
         {"id": "claude-sonnet-4-6", "context_length": 200_000, "owned_by": "anthropic"},

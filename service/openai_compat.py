@@ -357,6 +357,7 @@ class ChunkTranslator:
         self._identity = identity
         self._include_usage = include_usage
         self._adopted = False
+        self._late_usage: JSONObject | None = None
 
     def chunk(self, upstream: Any) -> JSONObject | None:
         """The chunk to send, or None when it is not for this client."""
@@ -384,6 +385,17 @@ class ChunkTranslator:
                 }
             )
         usage = openai_usage(upstream.get("usage"))
+        if choices and usage is not None and self._include_usage:
+            # Usage on a chunk with choices (some gateways put it on the finishing one): OpenAI
+            # sends it in a chunk of its own, with no choices, which is where the SDKs read it.
+            self._late_usage = {
+                "id": self._identity.id,
+                "object": "chat.completion.chunk",
+                "created": self._identity.created,
+                "model": self._identity.model,
+                "choices": [],
+                "usage": usage,
+            }
         if not choices and (usage is None or not self._include_usage):
             return None
         chunk: JSONObject = {
@@ -397,6 +409,11 @@ class ChunkTranslator:
             # OpenAI: with include_usage every chunk carries `usage`, null but on the last one.
             chunk["usage"] = usage if not choices else None
         return chunk
+
+    def late_usage(self) -> JSONObject | None:
+        """The usage chunk owed for usage that came on a chunk with choices, once."""
+        late, self._late_usage = self._late_usage, None
+        return late
 
 
 def error_type(status: int) -> str:

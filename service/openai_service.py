@@ -241,3 +241,5 @@ async def translated(
                     chunk = translator.chunk(orjson.loads(event.data))
                     if chunk is not None:
                         yield prefix + sse_data(chunk)
+                    if (late := translator.late_usage()) is not None:
+                        yield sse_data(late)

@@ -575,6 +575,39 @@ async def test_a_stateless_stream_answered_by_a_non_completion_is_an_error(
     assert await redis.keys("*") == []
 
 
+@pytest.mark.parametrize("conversation", [None, "usage-late"])
+async def test_usage_on_the_finishing_chunk_reaches_a_client_that_asked(
+    stack: Stack, gateway: FakeGateway, conversation: str | None
+) -> None:
+    """A gateway that puts usage on the finish_reason chunk: the client that asked for usage
+    still gets OpenAI's usage chunk (no choices) before [DONE]; one that did not, no usage."""
+    gateway.usage_on_finish_chunk = True
+    headers = {"X-Conversation-Id": conversation} if conversation else {}
+    chunks = [
+        c
+        async for c in await stack.sdk.chat.completions.create(
+            model="m",
+            messages=[user("count me")],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+        )
+    ]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert all(c.usage is None for c in chunks[:-1])
+    quiet = [
+        c
+        async for c in await stack.sdk.chat.completions.create(
+            model="m", messages=[user("quiet")], stream=True, extra_headers=headers
+        )
+    ]
+    assert all(c.usage is None for c in quiet)
+    assert all(c.choices for c in quiet)
+
+
 async def test_models_lists_the_gateways_catalog(stack: Stack, gateway: FakeGateway) -> None:
     gateway.catalog = [
         {"id": "claude-sonnet-4-6", "context_length": 200_000, "owned_by": "anthropic"},

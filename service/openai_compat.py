@@ -41,6 +41,9 @@ OWN_FIELDS = frozenset(
 )
 # OpenAI's fields an SDK may send that mean nothing to an LLM gateway: accepted and dropped.
 DROPPED_FIELDS = frozenset({"user", "store", "service_tier", "parallel_tool_calls"})
+# Our own route's fields, which are not OpenAI's: passed on, they would reach our turn model and
+# act (a system prompt, an edit of the log) by a way OpenAI's request does not have.
+OWN_ROUTE_FIELDS = frozenset({"message", "system", "detach", "replace_from"})
 # The provider's own finish reasons (GATEWAY.md), as OpenAI names them.
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -196,6 +199,11 @@ class ChatCompletionCreate(BaseModel):
 
     def params(self) -> JSONObject:
         """The parameters besides model, messages and stream, as our own route takes them."""
+        for key in sorted(OWN_ROUTE_FIELDS.intersection(self.model_extra or {})):
+            raise ValueError(
+                f"{key}: not a parameter of OpenAI's Chat Completions request (system prompt: "
+                "a leading system message; detached: the X-Detach header)"
+            )
         params = {
             key: value
             for key, value in (self.model_extra or {}).items()

@@ -676,6 +676,40 @@ async def test_parameters_are_checked_as_on_our_own_route(stack: Stack, redis: R
     assert await redis.keys("*") == []
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("system", "a system prompt by another way"),
+        ("detach", True),
+        ("message", {"role": "user", "content": "m"}),
+        ("replace_from", 1),
+    ],
+)
+@pytest.mark.parametrize("conversation", [None, "own-fields"])
+async def test_our_own_routes_fields_are_not_openais(
+    stack: Stack,
+    gateway: FakeGateway,
+    redis: Redis,
+    field: str,
+    value: Any,
+    conversation: str | None,
+) -> None:
+    """`system`, `detach`, `message`, `replace_from` belong to POST /conversations/{id}/messages;
+    on /v1 they are unknown fields (422 naming them), not a way around OpenAI's request."""
+    headers = {"X-Conversation-Id": conversation} if conversation else {}
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await stack.sdk.chat.completions.create(
+            model="m",
+            messages=[user("a")],
+            stream=True,
+            extra_body={field: value},
+            extra_headers=headers,
+        )
+    assert caught.value.param == field
+    assert gateway.received == []
+    assert await redis.keys("*") == []
+
+
 async def test_pings_reach_the_client_while_the_gateway_thinks(
     settings: Settings, gateway: FakeGateway
 ) -> None:

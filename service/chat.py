@@ -31,6 +31,7 @@ from service.gateway import (
     parse_reply,
     record_upstream_time,
 )
+from service.history import message_hash
 from service.idempotency import Idempotency, IdempotentRecord, lease_value, reused
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
@@ -53,6 +54,9 @@ from service.trim import BudgetExceeded, Window, choose_window, continues_turn, 
 
 log = logging.getLogger("service.chat")
 R = TypeVar("R")
+# A request that may resend the history: given the stored log (hashes included), the turn of
+# what is new in it (service/openai_service.py).
+Resolver = Callable[[TurnCreate, Started], TurnCreate]
 
 MAX_WINDOW_MESSAGES = 10_000
 
@@ -143,9 +147,10 @@ class ChatService:
         caller: Caller,
         request_id: str,
         idempotency_key: str | None,
+        resolve: Resolver | None = None,
     ) -> TurnResult:
         """Run one turn and answer with the gateway's JSON plus the `conversation` object."""
-        opened = await self._open(ref, request, idempotency_key, caller, request_id)
+        opened = await self._open(ref, request, idempotency_key, caller, request_id, resolve)
         if isinstance(opened, Replay):
             return TurnResult(body=opened.body, replayed=True)
         committed = False
@@ -172,12 +177,13 @@ class ChatService:
         request_id: str,
         idempotency_key: str | None,
         on_open: Callable[[JSONObject], None] | None = None,
+        resolve: Resolver | None = None,
     ) -> tuple[AsyncIterator[bytes], bool]:
         """Open a streamed turn. Errors up to the gateway's first byte raise here; the returned
         iterator relays the chunks, commits at the end, and stores nothing if cut short.
         The flag says whether this is an idempotent replay. `on_open` is given the
         `conversation` object as known before the first byte (for response headers)."""
-        opened = await self._open(ref, request, idempotency_key, caller, request_id)
+        opened = await self._open(ref, request, idempotency_key, caller, request_id, resolve)
         if isinstance(opened, Replay):
             if on_open is not None:
                 on_open(orjson.loads(opened.body).get("conversation") or {})
@@ -254,8 +260,11 @@ class ChatService:
         idempotency_key: str | None,
         caller: Caller,
         request_id: str,
+        resolve: Resolver | None = None,
     ) -> _Turn | Replay:
-        """Wait for the lease (or a replay), then choose the window and build the payload."""
+        """Wait for the lease (or a replay), then choose the window and build the payload.
+        `resolve` (a request that may resend the history) is given the stored log's hashes under
+        the lease and answers the turn of what is new; it may raise, and then nothing is stored."""
         idempotency = Idempotency.of(idempotency_key, request)
         new_wire = [m.to_wire() for m in request.new_messages()]
         lock_value = lease_value(idempotency)
@@ -272,6 +281,7 @@ class ChatService:
                 budget_scale=scale,
                 max_messages=MAX_WINDOW_MESSAGES,
                 idempotency=idempotency,
+                hashes=resolve is not None,
             )
 
         waited = time.monotonic()
@@ -294,6 +304,9 @@ class ChatService:
         deadline = asyncio.get_running_loop().time() + self._policy.turn_seconds
         renewal = Renewal(self._store, ref, lock_value, lease_ms=lease_ms, until=deadline)
         try:
+            if resolve is not None:
+                request = resolve(request, begun)
+                new_wire = [m.to_wire() for m in request.new_messages()]
             return self._plan(
                 ref,
                 request,
@@ -541,6 +554,11 @@ class ChatService:
             record=IdempotentRecord(turn.idempotency, body) if turn.idempotency else None,
             model=turn.model,
             factor=factor,
+            hashes=[message_hash(wire) for wire in wires],
+            known_hashes={
+                index: message_hash(message.to_wire())
+                for index, message in (turn.started.unhashed or {}).items()
+            },
         )
         if outcome != "ok":
             metrics.TURNS.labels("lease_lost").inc()

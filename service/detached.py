@@ -30,7 +30,7 @@ import anyio
 
 from service import metrics
 from service.auth import Caller
-from service.chat import ChatService
+from service.chat import ChatService, Resolver
 from service.errors import ServiceError
 from service.idempotency import Idempotency, fingerprint, key_hash
 from service.models import JSONObject
@@ -137,6 +137,7 @@ class DetachedTurns:
         request_id: str,
         idempotency_key: str | None,
         on_open: Callable[[JSONObject], None] | None = None,
+        resolve: Resolver | None = None,
     ) -> tuple[AsyncIterator[bytes], bool]:
         """Start a detached turn (or attach to the one this Idempotency-Key started) and follow
         it from its first event. Errors up to the gateway's first byte raise here, as for any
@@ -163,6 +164,7 @@ class DetachedTurns:
             request_id=request_id,
             idempotency_key=idempotency_key,
             on_open=on_open,
+            resolve=resolve,
         )
         if replayed:
             return events, True

@@ -1,5 +1,6 @@
 """OpenAI Chat Completions on the wire (issue 12): the request body, and pure translations of
-requests, answers, stream chunks and errors between OpenAI's shapes and the service's own.
+requests, answers, stream chunks and errors between OpenAI's shapes and the service's own; a
+resent history resolved to what is new in it (issue 15.3).
 
 No I/O here: service/openai_routes.py does the calls, through ChatService like any turn.
 """
@@ -21,8 +22,18 @@ from pydantic import (
 )
 
 from service import limits
+from service.errors import InvalidRequest
+from service.history import message_hash, new_part
 from service.models import JSONObject
-from service.schemas import CONVERSATION_ID, ContentPart, ToolCall, TurnCreate, refuse_early
+from service.schemas import (
+    CONVERSATION_ID,
+    ContentPart,
+    MessageCreate,
+    ToolCall,
+    TurnCreate,
+    refuse_early,
+)
+from service.store import Started
 
 # OpenAI's fields that the service reads itself and never forwards as they are.
 OWN_FIELDS = frozenset(
@@ -83,6 +94,42 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
+
+
+class HistoryTurnCreate(TurnCreate):
+    """A `/v1` turn whose messages may resend the whole history: up to MAX_REQUEST_MESSAGES
+    here; what turns out to be new is held to MAX_NEW_MESSAGES (service/history.py)."""
+
+    messages: (
+        Annotated[list[MessageCreate], Field(min_length=1, max_length=limits.MAX_REQUEST_MESSAGES)]
+        | None
+    ) = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        return refuse_early(
+            value, {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS}
+        )
+
+
+def resolve_history(request: TurnCreate, begun: Started) -> TurnCreate:
+    """The turn of what is new in `request`'s messages, given the stored log (ChatService calls
+    it under the lease): a resent history's suffix, or all of them (see history.new_part).
+    HistoryDiverged when they contradict the log."""
+    stored = list(begun.hashes or [])
+    for index, message in (begun.unhashed or {}).items():
+        if index < len(stored):
+            stored[index] = message_hash(message.to_wire())
+    sent = request.new_messages()
+    first = new_part([message_hash(m.to_wire()) for m in sent], stored).first_new
+    new = sent[first:]
+    if len(new) > limits.MAX_NEW_MESSAGES:
+        raise InvalidRequest(
+            f"messages: at most {limits.MAX_NEW_MESSAGES} new messages in one turn (got "
+            f"{len(new)}; {first} matched the stored history)"
+        )
+    return request.model_copy(update={"messages": new, "message": None})
 
 
 class StreamOptions(BaseModel):
@@ -174,7 +221,13 @@ class ChatCompletionCreate(BaseModel):
         return ("\n\n".join(system) if system else None), rest
 
     def turn(
-        self, system: str | None, new: list[ChatMessage], *, stream: bool, detach: bool = False
+        self,
+        system: str | None,
+        new: list[ChatMessage],
+        *,
+        stream: bool,
+        detach: bool = False,
+        model: type[TurnCreate] = TurnCreate,
     ) -> TurnCreate:
         """Our own route's turn body for these new messages: the same validation applies.
         `stream_options` is not passed on: the service always asks for usage, and tells the
@@ -188,7 +241,7 @@ class ChatCompletionCreate(BaseModel):
         }
         if system is not None:
             body["system"] = system
-        return TurnCreate.model_validate(body)
+        return model.model_validate(body)
 
     def stateless_payload(self, params: JSONObject) -> JSONObject:
         """The gateway request of a turn with no conversation: `params` (checked by our own turn

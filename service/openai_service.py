@@ -25,9 +25,11 @@ from service.gateway import GatewayClient, UpstreamStream, record_upstream_time
 from service.openai_compat import (
     ChatCompletionCreate,
     ChunkTranslator,
+    HistoryTurnCreate,
     Identity,
     completion,
     error_body,
+    resolve_history,
 )
 from service.openai_compat import conversation_headers as headers_of
 from service.relay import relay_upstream
@@ -107,10 +109,20 @@ class OpenAICompletions:
             )
         try:
             system, rest = body.split()
+            # Several messages may be a resent history (issue 15.3): checked under the lease.
+            resent = conversation_id is not None and len(rest) > 1
             if conversation_id is None:
                 turn = self._checked(body.turn(None, rest, stream=body.stream))
             else:
-                turn = self._checked(body.turn(system, rest, stream=body.stream, detach=detach))
+                turn = self._checked(
+                    body.turn(
+                        system,
+                        rest,
+                        stream=body.stream,
+                        detach=detach,
+                        model=HistoryTurnCreate if resent else TurnCreate,
+                    )
+                )
         except (ValidationError, ValueError) as exc:
             raise invalid(exc) from exc
         identity = Identity(request_id, body.model)
@@ -119,9 +131,15 @@ class OpenAICompletions:
             return await self._stateless(body, turn, identity, include_usage, caller, request_id)
         ref = ConversationRef(tenant=caller.tenant, id=conversation_id)
         answer = Answer(headers={"X-Conversation-Id": conversation_id})
+        resolve = resolve_history if resent else None
         if not body.stream:
             result = await self._chat.turn(
-                ref, turn, caller=caller, request_id=request_id, idempotency_key=idempotency_key
+                ref,
+                turn,
+                caller=caller,
+                request_id=request_id,
+                idempotency_key=idempotency_key,
+                resolve=resolve,
             )
             stored = orjson.loads(result.body)
             answer.headers.update(headers_of(stored.get("conversation")))
@@ -137,6 +155,7 @@ class OpenAICompletions:
             request_id=request_id,
             idempotency_key=idempotency_key,
             on_open=lambda conversation: answer.headers.update(headers_of(conversation)),
+            resolve=resolve,
         )
         if replayed:
             answer.headers["Idempotent-Replayed"] = "true"

@@ -55,20 +55,42 @@ local function rebuild_tokens(log, tok, length)
 end
 """
 
-# KEYS: log, tok, meta, lock[, idem]
-# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash, peek}.
+# The hash list (`hash`) holds each stored message's content hash beside it (service/history.py).
+# Python computes hashes, so a list that does not match the log's length (messages stored before
+# it existed, or by a writer that left it out) cannot be rebuilt here: it is laid anew with
+# UNKNOWN ('') entries, which a turn that needs them computes from the records and writes back.
+_HASHES = r"""
+local function align_hashes(log, hash, length)
+  local known = redis.call('LLEN', hash)
+  if known == length then return end
+  redis.call('DEL', hash)
+  for first = 1, length, 500 do
+    local blanks = {}
+    for i = first, math.min(first + 499, length) do blanks[#blanks + 1] = '' end
+    redis.call('RPUSH', hash, unpack(blanks))
+  end
+  local ttl = redis.call('PTTL', log)
+  if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
+end
+"""
+
+# KEYS: log, tok, meta, lock, hash[, idem]
+# ARGV[1]: JSON {lock, lease_ms, budget, scale, max_messages, fingerprint, key_hash, peek,
+# hashes}. With `hashes`, the answer also has the whole hash list and, for its UNKNOWN entries,
+# flat (index, record) pairs.
 # Reads the suffix of the log from the window start (`window_start` in meta), stopping once the
 # estimates pass budget x scale or max_messages: what to forward is decided in service/trim.py.
 # Answers {'replay', body} | {'mismatch'} | {'inflight', pttl} | {'busy', pttl}
 #       | {'ok', length, meta pairs, suffix oldest first}.
 BEGIN_TURN = (
     _TOKENS
+    + _HASHES
     + r"""
 local p = cjson.decode(ARGV[1])
 -- A preview (`peek`) takes no lease and reads no idempotency record: only the read below.
 if not p.peek then
-  if #KEYS == 5 then
-    local record = redis.call('GET', KEYS[5])
+  if #KEYS == 6 then
+    local record = redis.call('GET', KEYS[6])
     if record then
       if string.sub(record, 1, 64) == p.fingerprint then
         return {'replay', string.sub(record, 66)}
@@ -80,7 +102,7 @@ if not p.peek then
   -- Our own value: a client-side retry of an attempt that did take the lease.
   if holder and holder ~= p.lock then
     local pttl = redis.call('PTTL', KEYS[4])
-    if #KEYS == 5 then
+    if #KEYS == 6 then
       local _, _, held_key, held_fp = string.find(holder, '^[^\n]*\n([^\n]*)\n(.*)$')
       if held_key == p.key_hash then
         if held_fp ~= p.fingerprint then return {'mismatch'} end
@@ -112,13 +134,27 @@ while upper > floor and not full do
 end
 local suffix = {}
 if lower < length then suffix = redis.call('LRANGE', KEYS[1], lower, length - 1) end
-return {'ok', length, redis.call('HGETALL', KEYS[3]), suffix}
+local meta = redis.call('HGETALL', KEYS[3])
+if p.hashes then
+  align_hashes(KEYS[1], KEYS[5], length)
+  local hashes = redis.call('LRANGE', KEYS[5], 0, -1)
+  local unknown = {}
+  for i, h in ipairs(hashes) do
+    if h == '' then
+      unknown[#unknown + 1] = i - 1
+      unknown[#unknown + 1] = redis.call('LINDEX', KEYS[1], i - 1)
+    end
+  end
+  return {'ok', length, meta, suffix, hashes, unknown}
+end
+return {'ok', length, meta, suffix}
 """
 )
 
-# KEYS: log, tok, meta, lock, idem, idem set, index (unused ones repeat the log key)
+# KEYS: log, tok, meta, lock, idem, idem set, index (unused ones repeat the log key), hash
 # ARGV[1]: JSON {lock, expected, now, ttl, idem (bool), idem_record, idem_ttl, index (bool),
-# member, index_ttl, usage {field: increment}, messages [JSON text], tokens [int], meta {k: v}}.
+# member, index_ttl, usage {field: increment}, messages [JSON text], tokens [int], hashes [str],
+# known [[index, hash]] (UNKNOWN hashes a turn computed), meta {k: v}}.
 # Answers {'ok', length} | {'lost'} | {'conflict'}.
 # Messages are pushed a hundred at a time: `unpack` of thousands of values overflows Lua's
 # C stack ("too many results to unpack").
@@ -126,6 +162,7 @@ COMMIT_TURN = (
     _SLIDE_TTL
     + _TOUCH_INDEX
     + _TOKENS
+    + _HASHES
     + r"""
 local p = cjson.decode(ARGV[1])
 if redis.call('GET', KEYS[4]) ~= p.lock then
@@ -141,11 +178,16 @@ if length ~= tonumber(p.expected) then
   return {'conflict'}
 end
 if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
+align_hashes(KEYS[1], KEYS[8], length)
+for _, pair in ipairs(p.known) do
+  if pair[1] < length then redis.call('LSET', KEYS[8], pair[1], pair[2]) end
+end
 local count = #p.messages
 for first = 1, count, 100 do
   local last = math.min(first + 99, count)
   length = redis.call('RPUSH', KEYS[1], unpack(p.messages, first, last))
   redis.call('RPUSH', KEYS[2], unpack(p.tokens, first, last))
+  redis.call('RPUSH', KEYS[8], unpack(p.hashes, first, last))
 end
 for field, value in pairs(p.meta) do redis.call('HSET', KEYS[3], field, value) end
 redis.call('HSETNX', KEYS[3], 'created_at', p.now)
@@ -153,6 +195,7 @@ redis.call('HSET', KEYS[3], 'updated_at', p.now, 'last_turn', p.lock)
 for field, value in pairs(p.usage) do redis.call('HINCRBY', KEYS[3], field, value) end
 slide_ttl(KEYS[3], KEYS[1], p.ttl)
 slide_ttl(KEYS[3], KEYS[2], p.ttl)
+slide_ttl(KEYS[3], KEYS[8], p.ttl)
 if p.idem then
   redis.call('SET', KEYS[5], p.idem_record, 'EX', p.idem_ttl)
   redis.call('SADD', KEYS[6], KEYS[5])
@@ -193,7 +236,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: meta, log, tok[, index]   ARGV: now, default ttl, index member, index ttl, then
+# KEYS: meta, log, tok, hash[, index]   ARGV: now, default ttl, index member, index ttl, then
 # op/field/value triples (op 'set' or 'del').  Answers 1 when the conversation was created.
 UPSERT_META = (
     _SLIDE_TTL
@@ -211,19 +254,20 @@ for i = 5, #ARGV, 3 do
 end
 slide_ttl(KEYS[1], KEYS[2], ARGV[2])
 slide_ttl(KEYS[1], KEYS[3], ARGV[2])
-if #KEYS == 4 then touch_index(KEYS[4], ARGV[1], ARGV[3], ARGV[4]) end
+slide_ttl(KEYS[1], KEYS[4], ARGV[2])
+if #KEYS == 5 then touch_index(KEYS[5], ARGV[1], ARGV[3], ARGV[4]) end
 if created then return 1 end
 return 0
 """
 )
 
-# KEYS: log, meta, lock, idem set, tok[, index]   ARGV: index member.
+# KEYS: log, meta, lock, idem set, tok, hash[, index]   ARGV: index member.
 # Answers {'busy', pttl} while a turn holds the lock, else {'ok', existed}.
 DELETE_CONVERSATION = r"""
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', redis.call('PTTL', KEYS[3])} end
 local existed = redis.call('EXISTS', KEYS[2])
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', key) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
-if #KEYS == 6 then redis.pcall('ZREM', KEYS[6], ARGV[1]) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6])
+if #KEYS == 7 then redis.pcall('ZREM', KEYS[7], ARGV[1]) end
 return {'ok', existed}
 """

@@ -5,6 +5,10 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:tok        list of each message's token estimate, at the same index as in `log`
                         (every script that writes `log` writes it too; a length that differs
                         from the log's makes the next turn rebuild it from the records)
+  conv:{T:I}:hash       list of each message's content hash (service/history.py), at the same
+                        index as in `log`; '' where unknown (stored before it existed). Every
+                        script that appends to or rewrites `log` must cut or extend it in the
+                        same place; a length that differs from the log's lays it anew as unknown
   conv:{T:I}:meta       hash: created_at, updated_at, system, model, token_budget, ttl_seconds,
                         metadata (JSON), usage totals (input_tokens, output_tokens,
                         uncached_input_tokens, cache_read_input_tokens,
@@ -94,6 +98,10 @@ class Started:
     length: int
     meta: ConversationMeta | None
     window: list[Message]  # oldest first
+    # Asked for (`hashes=True`): every stored message's content hash, and the records of those
+    # whose hash is unknown yet, by index (the turn computes them, and its commit stores them).
+    hashes: list[str] | None = None
+    unhashed: dict[int, Message] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +338,12 @@ class ConversationStore:
         budget_scale: float,
         max_messages: int,
         idempotency: Idempotency | None,
+        hashes: bool = False,
     ) -> BeginResult:
         """Take the lease and read the window's suffix in one round trip, with the tenant's
-        token-estimate corrections when they are over a second old."""
-        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
+        token-estimate corrections when they are over a second old (and, with `hashes`, every
+        stored message's content hash)."""
+        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock"), ref.key("hash")]
         if idempotency is not None:
             keys.append(ref.key(f"idem:{idempotency.key_hash}"))
         argument = orjson.dumps(
@@ -345,6 +355,7 @@ class ConversationStore:
                 "max_messages": max_messages,
                 "fingerprint": idempotency.fingerprint if idempotency else "",
                 "key_hash": idempotency.key_hash if idempotency else "",
+                "hashes": hashes,
             }
         )
 
@@ -364,7 +375,18 @@ class ConversationStore:
         kind = _text(answer[0])
         if kind == "ok":
             window = _window(answer[3], ref)
-            return Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
+            started = Started(length=int(answer[1]), meta=_meta(answer[2]), window=window)
+            if len(answer) > 4:
+                pairs = answer[5]
+                unhashed = _readable(pairs[1::2], ref)
+                started = Started(
+                    length=started.length,
+                    meta=started.meta,
+                    window=window,
+                    hashes=[_text(h) for h in answer[4]],
+                    unhashed={int(i): m for i, m in zip(pairs[::2], unhashed, strict=False)},
+                )
+            return started
         if kind == "replay":
             body = answer[1]
             return Replay(body=body if isinstance(body, bytes) else body.encode())
@@ -381,7 +403,7 @@ class ConversationStore:
         max_messages: int,
     ) -> Started:
         """The window's suffix and metadata as a turn would read them, without its lease."""
-        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock")]
+        keys = [ref.key("log"), ref.key("tok"), ref.key("meta"), ref.key("lock"), ref.key("hash")]
         argument = orjson.dumps(
             {
                 "peek": True,
@@ -405,6 +427,8 @@ class ConversationStore:
         record: IdempotentRecord | None,
         model: str,
         factor: float | None,
+        hashes: Sequence[str] = (),
+        known_hashes: dict[int, str] | None = None,
     ) -> Literal["ok", "lost", "conflict"]:
         """Append the turn, update metadata, usage totals, index and TTL, store the idempotent
         response and release the lease: atomically, and only if the lease is still ours
@@ -421,6 +445,7 @@ class ConversationStore:
             idem_key,
             ref.key("idemkeys") if record else log,
             ref.index_key if index_inline else log,
+            ref.key("hash"),
         ]
         argument = orjson.dumps(
             {
@@ -443,6 +468,9 @@ class ConversationStore:
                 },
                 "messages": [m.model_dump_json(exclude_none=True) for m in messages],
                 "tokens": [m.tokens for m in messages],
+                # One per message ('' when the caller computed none: unknown until needed).
+                "hashes": list(hashes) or [""] * len(messages),
+                "known": sorted((known_hashes or {}).items()),
                 "meta": meta_updates,
             }
         )
@@ -525,7 +553,7 @@ class ConversationStore:
     ) -> bool:
         """Create or update settings; True when the conversation was created."""
         now = time.time()
-        keys = [ref.key("meta"), ref.key("log"), ref.key("tok")]
+        keys = [ref.key("meta"), ref.key("log"), ref.key("tok"), ref.key("hash")]
         index_inline = not self._cluster
         if index_inline:
             keys.append(ref.index_key)
@@ -568,6 +596,7 @@ class ConversationStore:
             ref.key("lock"),
             ref.key("idemkeys"),
             ref.key("tok"),
+            ref.key("hash"),
         ]
         if not self._cluster:
             keys.append(ref.index_key)

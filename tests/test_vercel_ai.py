@@ -71,3 +71,27 @@ async def test_a_streamed_two_turn_conversation_from_the_vercel_ai_sdk(
         "And a second question",
         "reply to: And a second question",
     ]
+
+
+async def test_the_vercel_ai_sdk_sending_its_whole_history_gets_the_same_conversation(
+    settings: Settings, gateway: FakeGateway, redis: Redis
+) -> None:
+    """As `useChat` does (issue 15.3): every call carries the whole conversation; the service
+    appends only what is new, so the log and the forwarded arrays are those of the newest-only
+    way."""
+    async with serving(settings, gateway) as http:
+        base_url = str(http.base_url).rstrip("/")
+        newest = await run_node(base_url, "vercel-newest", "newest")
+        full = await run_node(base_url, "vercel-full", "full")
+        logs = [
+            [
+                (m["role"], m["content"])
+                for m in (await http.get(f"/conversations/{cid}/messages")).json()["messages"]
+            ]
+            for cid in ("vercel-newest", "vercel-full")
+        ]
+    assert [t["reply"] for t in full["turns"]] == [t["reply"] for t in newest["turns"]]
+    assert logs[0] == logs[1]
+    assert len(logs[1]) == 4
+    assert gateway.received[3]["messages"] == gateway.received[1]["messages"]
+    assert full["turns"][1]["headers"]["x-conversation-messages"] == "4"

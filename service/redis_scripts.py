@@ -59,10 +59,17 @@ end
 # Python computes hashes, so a list that does not match the log's length (messages stored before
 # it existed, or by a writer that left it out) cannot be rebuilt here: it is laid anew with
 # UNKNOWN ('') entries, which a turn that needs them computes from the records and writes back.
+# So is a list written before the log's last rewrite: a script that rewrites the log in place
+# (truncate, replace) moves meta's `generation` on, and the list records, in `hash_generation`,
+# the generation it was written for; a rewrite that left the list as it was cannot leave stale
+# hashes behind, even where the lengths agree by chance.
 _HASHES = r"""
-local function align_hashes(log, hash, length)
+local function align_hashes(log, hash, meta, length)
   local known = redis.call('LLEN', hash)
-  if known == length then return end
+  local generation = redis.call('HGET', meta, 'generation') or ''
+  local written_for = redis.call('HGET', meta, 'hash_generation') or ''
+  if known == length and generation == written_for then return end
+  if generation ~= written_for then redis.call('HSET', meta, 'hash_generation', generation) end
   redis.call('DEL', hash)
   for first = 1, length, 500 do
     local blanks = {}
@@ -136,7 +143,7 @@ local suffix = {}
 if lower < length then suffix = redis.call('LRANGE', KEYS[1], lower, length - 1) end
 local meta = redis.call('HGETALL', KEYS[3])
 if p.hashes then
-  align_hashes(KEYS[1], KEYS[5], length)
+  align_hashes(KEYS[1], KEYS[5], KEYS[3], length)
   local hashes = redis.call('LRANGE', KEYS[5], 0, -1)
   local unknown = {}
   for i, h in ipairs(hashes) do
@@ -178,7 +185,7 @@ if length ~= tonumber(p.expected) then
   return {'conflict'}
 end
 if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
-align_hashes(KEYS[1], KEYS[8], length)
+align_hashes(KEYS[1], KEYS[8], KEYS[3], length)
 for _, pair in ipairs(p.known) do
   if pair[1] < length then redis.call('LSET', KEYS[8], pair[1], pair[2]) end
 end

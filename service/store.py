@@ -8,7 +8,9 @@ Per conversation (tenant T, id I), every key carries the hash tag `{T:I}`:
   conv:{T:I}:hash       list of each message's content hash (service/history.py), at the same
                         index as in `log`; '' where unknown (stored before it existed). Every
                         script that appends to or rewrites `log` must cut or extend it in the
-                        same place; a length that differs from the log's lays it anew as unknown
+                        same place; a length that differs from the log's, or a `generation`
+                        in meta other than its `hash_generation` (the log was rewritten since),
+                        lays it anew as unknown
   conv:{T:I}:meta       hash: created_at, updated_at, system, model, token_budget, ttl_seconds,
                         metadata (JSON), usage totals (input_tokens, output_tokens,
                         uncached_input_tokens, cache_read_input_tokens,

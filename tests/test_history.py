@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
@@ -213,3 +214,30 @@ async def test_what_is_new_is_held_to_the_turn_limit(stack: Stack, redis: Redis)
         )
     assert "at most 256 new messages" in caught.value.message
     assert await redis.keys("conv:{acme:many}:log") == []
+
+
+async def test_hashes_written_before_a_rewrite_of_the_log_are_not_trusted(
+    stack: Stack, gateway: FakeGateway, redis: Redis
+) -> None:
+    """A script that rewrites the log in place (an edit) moves meta's `generation` on; one that
+    leaves the hash list as it was (same length, stale hashes) must not make a resent history
+    look diverged."""
+    await three_turns(stack, "edited", full=True)
+    log = "conv:{acme:edited}:log"
+    raw = await redis.lindex(log, 2)
+    assert raw is not None
+    record = orjson.loads(raw)
+    record["content"] = "What is 2+5?"
+    await redis.lset(log, 2, orjson.dumps(record).decode())
+    await redis.hincrby("conv:{acme:edited}:meta", "generation", 1)
+    history: list[ChatCompletionMessageParam] = [
+        {"role": m["role"], "content": m["content"]} for m in await stored(stack, "edited")
+    ]
+    assert history[2] == user("What is 2+5?")
+    await stack.sdk.chat.completions.create(
+        model="m", messages=[*history, user("next")], extra_headers={"X-Conversation-Id": "edited"}
+    )
+    assert len(await stored(stack, "edited")) == 8
+    hashes = await redis.lrange("conv:{acme:edited}:hash", 0, -1)
+    assert hashes[2] == message_hash({"role": "user", "content": "What is 2+5?"}).encode()
+    assert await redis.hget("conv:{acme:edited}:meta", "hash_generation") == b"1"

@@ -22,6 +22,7 @@ from service.chat import ChatService
 from service.detached import DetachedTurns
 from service.errors import GatewayError, InvalidRequest, ServiceError
 from service.gateway import GatewayClient, UpstreamStream, parse_reply, record_upstream_time
+from service.logs import annotate
 from service.openai_compat import (
     ChatCompletionCreate,
     ChunkTranslator,
@@ -129,6 +130,7 @@ class OpenAICompletions:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if conversation_id is None:
             return await self._stateless(body, turn, identity, include_usage, caller, request_id)
+        annotate(conversation_id=conversation_id)  # as our own route's path parameter is logged
         ref = ConversationRef(tenant=caller.tenant, id=conversation_id)
         answer = Answer(headers={"X-Conversation-Id": conversation_id})
         resolve = resolve_history if resent else None

@@ -408,10 +408,11 @@ class Bench:
         port, ref_port = self.service(), self.reference()
         direct = self.direct_script("direct", {"Authorization": UPSTREAM_KEY})
         via = self.script("latency", "t", POOL)
+        via_ref = self.script("latency-ref", "t", POOL)  # the same turns; its own name in the log
         runs = {
             "direct": lambda: self.wrk(self.nginx_port, direct, 1, self.args.short),
             "service": lambda: self.wrk(port, via, 1, self.args.short),
-            "reference": lambda: self.wrk(ref_port, via, 1, self.args.short),
+            "reference": lambda: self.wrk(ref_port, via_ref, 1, self.args.short),
         }
         openai = _has_path(port, "/v1/chat/completions")
         if openai:  # the OpenAI-compatible route (issue 12), where this service has it
@@ -681,8 +682,12 @@ class Bench:
         assert self.main is not None
         assert self.ref is not None
         script = self.script("throughput", "t", POOL)
+        ref_script = self.script("throughput-ref", "t", POOL)
         got = self.loads(
-            {"service": (self.main[0], port, script), "reference": (self.ref[0], ref_port, script)}
+            {
+                "service": (self.main[0], port, script),
+                "reference": (self.ref[0], ref_port, ref_script),
+            }
         )
         service, ref = got["service"], got["reference"]
         self.main_load = service
@@ -735,8 +740,9 @@ class Bench:
         )
         try:
             script = self.script("wide", "w", WIDE_POOL)
+            ref_script = self.script("wide-ref", "w", WIDE_POOL)
             got = self.loads(
-                {"service": (proc, port, script), "reference": (ref, ref_port, script)}
+                {"service": (proc, port, script), "reference": (ref, ref_port, ref_script)}
             )
         finally:
             self.stop(proc)

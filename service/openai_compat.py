@@ -42,6 +42,9 @@ OWN_FIELDS = frozenset(
 )
 # OpenAI's fields an SDK may send that mean nothing to an LLM gateway: accepted and dropped.
 DROPPED_FIELDS = frozenset({"user", "store", "service_tier", "parallel_tool_calls"})
+# Our own route's fields, which are not OpenAI's: passed on, they would reach our turn model and
+# act (a system prompt, an edit of the log) by a way OpenAI's request does not have.
+OWN_ROUTE_FIELDS = frozenset({"message", "system", "detach", "replace_from"})
 # The provider's own finish reasons (GATEWAY.md), as OpenAI names them.
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -200,6 +203,11 @@ class ChatCompletionCreate(BaseModel):
 
     def params(self) -> JSONObject:
         """The parameters besides model, messages and stream, as our own route takes them."""
+        for key in sorted(OWN_ROUTE_FIELDS.intersection(self.model_extra or {})):
+            raise ValueError(
+                f"{key}: not a parameter of OpenAI's Chat Completions request (system prompt: "
+                "a leading system message; detached: the X-Detach header)"
+            )
         params = {
             key: value
             for key, value in (self.model_extra or {}).items()
@@ -361,6 +369,7 @@ class ChunkTranslator:
         self._identity = identity
         self._include_usage = include_usage
         self._adopted = False
+        self._late_usage: JSONObject | None = None
 
     def chunk(self, upstream: Any) -> JSONObject | None:
         """The chunk to send, or None when it is not for this client."""
@@ -388,6 +397,17 @@ class ChunkTranslator:
                 }
             )
         usage = openai_usage(upstream.get("usage"))
+        if choices and usage is not None and self._include_usage:
+            # Usage on a chunk with choices (some gateways put it on the finishing one): OpenAI
+            # sends it in a chunk of its own, with no choices, which is where the SDKs read it.
+            self._late_usage = {
+                "id": self._identity.id,
+                "object": "chat.completion.chunk",
+                "created": self._identity.created,
+                "model": self._identity.model,
+                "choices": [],
+                "usage": usage,
+            }
         if not choices and (usage is None or not self._include_usage):
             return None
         chunk: JSONObject = {
@@ -401,6 +421,11 @@ class ChunkTranslator:
             # OpenAI: with include_usage every chunk carries `usage`, null but on the last one.
             chunk["usage"] = usage if not choices else None
         return chunk
+
+    def late_usage(self) -> JSONObject | None:
+        """The usage chunk owed for usage that came on a chunk with choices, once."""
+        late, self._late_usage = self._late_usage, None
+        return late
 
 
 def error_type(status: int) -> str:

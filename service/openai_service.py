@@ -21,7 +21,8 @@ from service.auth import Caller
 from service.chat import ChatService
 from service.detached import DetachedTurns
 from service.errors import GatewayError, InvalidRequest, ServiceError
-from service.gateway import GatewayClient, UpstreamStream, record_upstream_time
+from service.gateway import GatewayClient, UpstreamStream, parse_reply, record_upstream_time
+from service.logs import annotate
 from service.openai_compat import (
     ChatCompletionCreate,
     ChunkTranslator,
@@ -129,6 +130,7 @@ class OpenAICompletions:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if conversation_id is None:
             return await self._stateless(body, turn, identity, include_usage, caller, request_id)
+        annotate(conversation_id=conversation_id)  # as our own route's path parameter is logged
         ref = ConversationRef(tenant=caller.tenant, id=conversation_id)
         answer = Answer(headers={"X-Conversation-Id": conversation_id})
         resolve = resolve_history if resent else None
@@ -189,6 +191,7 @@ class OpenAICompletions:
         """A stateless stream in the service's own SSE (as ChatService relays a turn's)."""
         try:
             if upstream.completion is not None:  # the model ignored stream: true
+                parse_reply(upstream.completion)  # not a completion: an error, as on a turn
                 for event in completion_as_sse(upstream.completion):
                     yield event
             else:
@@ -240,3 +243,5 @@ async def translated(
                     chunk = translator.chunk(orjson.loads(event.data))
                     if chunk is not None:
                         yield prefix + sse_data(chunk)
+                    if (late := translator.late_usage()) is not None:
+                        yield sse_data(late)

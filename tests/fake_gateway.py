@@ -135,6 +135,7 @@ class FakeGateway:
     oversize_line_bytes: int = 0  # after the first chunk, a data line this long
     stream_error_after_first: dict[str, Any] | None = None  # an error chunk, mid-stream
     stream_error_as_event: bool = False  # send that error as `event: error`
+    usage_on_finish_chunk: bool = False  # usage on the finish_reason chunk, not a chunk of its own
     calls: int = 0
     # Summary calls (service/summary_plan.py's request) are answered apart: recorded here, not
     # in `received`, failed by `summary_failures`, held by `summary_hold`, and answered with a
@@ -355,6 +356,7 @@ class FakeGateway:
                     )
                     + b"\n\n"
                 )
+        on_finish = with_usage and self.usage_on_finish_chunk
         yield (
             b"data: "
             + orjson.dumps(
@@ -367,11 +369,12 @@ class FakeGateway:
                             "finish_reason": completion["choices"][0]["finish_reason"],
                         }
                     ],
+                    **({"usage": completion["usage"]} if on_finish else {}),
                 }
             )
             + b"\n\n"
         )
-        if with_usage:  # as OpenAI-style gateways: usage only when asked for
+        if with_usage and not on_finish:  # as OpenAI-style gateways: usage only when asked for
             yield (
                 b"data: "
                 + orjson.dumps({**base, "choices": [], "usage": completion["usage"]})

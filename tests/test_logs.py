@@ -210,3 +210,20 @@ async def test_streamed_turn_access_line(
     assert line["output_tokens"] > 0
     assert line["dropped_messages"] == 0
     assert "stream_completed" not in line
+
+
+async def test_openai_route_access_line_names_the_conversation(
+    json_logs: io.StringIO, log_settings: Settings, gateway: FakeGateway
+) -> None:
+    async with serve(log_settings, gateway, key=CANARY_CLIENT_KEY) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": CANARY_CONTENT}]},
+            headers={"X-Conversation-Id": "via-v1"},
+        )
+        assert response.status_code == 200
+    text, entries = parse_lines(json_logs)
+    assert_no_leak(text)
+    (line,) = [e for e in access_lines(entries) if e["route"] == "/v1/chat/completions"]
+    assert (line["status"], line["conversation_id"]) == (200, "via-v1")
+    assert line["tenant"] == tenant_hash("acme")

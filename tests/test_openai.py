@@ -556,6 +556,58 @@ async def test_stateless_stream_error_and_ignored_stream(
     assert await redis.keys("*") == []
 
 
+async def test_a_stateless_stream_answered_by_a_non_completion_is_an_error(
+    stack: Stack, gateway: FakeGateway, redis: Redis
+) -> None:
+    """A gateway that ignores `stream: true` and answers JSON that is no completion: the
+    stateless stream says so (as a turn's stream does), never an empty answer and [DONE]."""
+    gateway.failures = [Failure(200, {"foo": 1})]
+    stream = await stack.sdk.chat.completions.create(
+        model="m", messages=[user("anything")], stream=True
+    )
+
+    async def read() -> list[Any]:
+        return [chunk async for chunk in stream]
+
+    with pytest.raises(openai.APIError) as caught:
+        await read()
+    assert "no choices" in caught.value.message
+    assert await redis.keys("*") == []
+
+
+@pytest.mark.parametrize("conversation", [None, "usage-late"])
+async def test_usage_on_the_finishing_chunk_reaches_a_client_that_asked(
+    stack: Stack, gateway: FakeGateway, conversation: str | None
+) -> None:
+    """A gateway that puts usage on the finish_reason chunk: the client that asked for usage
+    still gets OpenAI's usage chunk (no choices) before [DONE]; one that did not, no usage."""
+    gateway.usage_on_finish_chunk = True
+    headers = {"X-Conversation-Id": conversation} if conversation else {}
+    chunks = [
+        c
+        async for c in await stack.sdk.chat.completions.create(
+            model="m",
+            messages=[user("count me")],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+        )
+    ]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert all(c.usage is None for c in chunks[:-1])
+    quiet = [
+        c
+        async for c in await stack.sdk.chat.completions.create(
+            model="m", messages=[user("quiet")], stream=True, extra_headers=headers
+        )
+    ]
+    assert all(c.usage is None for c in quiet)
+    assert all(c.choices for c in quiet)
+
+
 async def test_models_lists_the_gateways_catalog(stack: Stack, gateway: FakeGateway) -> None:
     gateway.catalog = [
         {"id": "claude-sonnet-4-6", "context_length": 200_000, "owned_by": "anthropic"},
@@ -621,6 +673,40 @@ async def test_parameters_are_checked_as_on_our_own_route(stack: Stack, redis: R
             model="m", messages=[user("a")], extra_headers={"X-Detach": "true"}
         )
     assert "X-Detach" in caught.value.message
+    assert await redis.keys("*") == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("system", "a system prompt by another way"),
+        ("detach", True),
+        ("message", {"role": "user", "content": "m"}),
+        ("replace_from", 1),
+    ],
+)
+@pytest.mark.parametrize("conversation", [None, "own-fields"])
+async def test_our_own_routes_fields_are_not_openais(
+    stack: Stack,
+    gateway: FakeGateway,
+    redis: Redis,
+    field: str,
+    value: Any,
+    conversation: str | None,
+) -> None:
+    """`system`, `detach`, `message`, `replace_from` belong to POST /conversations/{id}/messages;
+    on /v1 they are unknown fields (422 naming them), not a way around OpenAI's request."""
+    headers = {"X-Conversation-Id": conversation} if conversation else {}
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await stack.sdk.chat.completions.create(
+            model="m",
+            messages=[user("a")],
+            stream=True,
+            extra_body={field: value},
+            extra_headers=headers,
+        )
+    assert caught.value.param == field
+    assert gateway.received == []
     assert await redis.keys("*") == []
 
 

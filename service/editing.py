@@ -11,8 +11,10 @@ so a client paging backwards never gets a page of another log than the one it st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -30,7 +32,7 @@ from service.errors import (
     ServiceError,
     StoreUnavailable,
 )
-from service.idempotency import Idempotency, key_hash, reused
+from service.idempotency import Idempotency, IdempotentRecord, key_hash, reused
 from service.lease import wait_for_lease
 from service.log_edits import PAGE_SIZE, Created, LogEditStore, Outcome, Slice
 from service.models import ConversationMeta, JSONObject, Message, Role
@@ -229,6 +231,39 @@ class EditingService:
         the settings; 409 if `new` exists. Reads the source page by page without its lease:
         appends leave the copied prefix as it is, and a rewrite meanwhile is seen (409)."""
         idem = idempotency(idempotency_key, "fork", ref.id, new.id, through_seq)
+        if idem is None:
+            return await self._fork(ref, new, through_seq, None)
+        # The key is scoped by the route's conversation, the source; the answer is kept with the
+        # new conversation (another slot on a Cluster, so not one script). Claim the key on the
+        # source first: another fork (or turn) under it is 422 there. A claim left by a call
+        # that died is this request's: its retry goes on and creates or replays.
+        record = IdempotentRecord(
+            idem, orjson.dumps({"fork": new.id, "claim": uuid.uuid4().hex})
+        ).encoded()
+        claim = await self._edits.claim(ref, idem, record)
+        if claim == "gone":
+            raise ConversationNotFound(f"no conversation {ref.id!r}")
+        if claim == "mismatch":
+            raise reused()
+        try:
+            return await self._fork(ref, new, through_seq, idem)
+        except StoreUnavailable:
+            raise  # the copy may have been made: keep the claim, a retry replays it
+        except ServiceError:
+            # Nothing was created (409, 404, 422): a failed request holds no key, so give back
+            # the claim this call made, unless it has expired and been taken meanwhile.
+            if claim == "claimed":
+                with contextlib.suppress(StoreUnavailable):  # it expires by itself
+                    await self._edits.release(ref, idem, record)
+            raise
+
+    async def _fork(
+        self,
+        ref: ConversationRef,
+        new: ConversationRef,
+        through_seq: int | None,
+        idem: Idempotency | None,
+    ) -> Created:
         first = await self._edits.read(ref, 0, PAGE_SIZE - 1, generation=None)
         if not isinstance(first, Slice):
             raise _fail(ref, first)

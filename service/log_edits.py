@@ -168,6 +168,37 @@ return {'ok', body}
 )
 
 
+# KEYS: meta, idem, idem set   ARGV: fingerprint, record, idem_ttl.
+# A fork's Idempotency-Key claimed on its SOURCE conversation (the route's conversation, which
+# scopes the key), in the `fingerprint\n<body>` form of every other record: the create script
+# keeps the fork's answer with the new conversation, another slot on a Cluster, so a second
+# fork under the key with another new_id would not see it there. A turn or edit of the source
+# reusing the key meets a foreign fingerprint (422) as it would meet any other record.
+# Answers {'gone'} | {'mismatch'} | {'held'} (this request's, by an earlier call) | {'claimed'}.
+CLAIM = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local record = redis.call('GET', KEYS[2])
+if record then
+  if string.sub(record, 1, 64) == ARGV[1] then return {'held'} end
+  return {'mismatch'}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return {'claimed'}
+"""
+
+# KEYS: idem, idem set   ARGV: record. Removes a claim only while it is the one this call made.
+RELEASE = r"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], KEYS[1])
+return 1
+"""
+
+Claim = Literal["gone", "mismatch", "held", "claimed"]
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -220,6 +251,8 @@ class LogEditStore:
             ("EDIT_STAGE", STAGE),
             ("EDIT_CREATE", CREATE),
             ("EDIT_CUT", CUT),
+            ("EDIT_CLAIM", CLAIM),
+            ("EDIT_RELEASE", RELEASE),
         ):
             store.register_script(name, source)
 
@@ -375,6 +408,26 @@ class LogEditStore:
                 stored if isinstance(stored, bytes) else stored.encode(), kind == "replay"
             )
         return _outcome(kind)
+
+    async def claim(self, ref: ConversationRef, idempotency: Idempotency, record: str) -> Claim:
+        """Take `idempotency`'s key on `ref` (a fork's source) for `record`, unless it is
+        there already: with this request's fingerprint ('held') or another's ('mismatch')."""
+        answer = await self._store.run_script(
+            "EDIT_CLAIM",
+            [ref.key("meta"), ref.key(f"idem:{idempotency.key_hash}"), ref.key("idemkeys")],
+            [idempotency.fingerprint, record, self._idem_ttl],
+        )
+        kind = _text(answer[0])
+        claims: dict[str, Claim] = {"gone": "gone", "mismatch": "mismatch", "held": "held"}
+        return claims.get(kind, "claimed")
+
+    async def release(self, ref: ConversationRef, idempotency: Idempotency, record: str) -> None:
+        """Give back a claim `claim` made with `record`, if it is still that one."""
+        await self._store.run_script(
+            "EDIT_RELEASE",
+            [ref.key(f"idem:{idempotency.key_hash}"), ref.key("idemkeys")],
+            [record],
+        )
 
 
 def _outcome(kind: str) -> Outcome:

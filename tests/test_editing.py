@@ -12,7 +12,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from service.editing import idempotency
 from service.history import message_hash
+from service.idempotency import key_hash
 from service.models import Message
 from service.store import _meta
 from service.summary_plan import fields_to_forget
@@ -273,6 +275,85 @@ async def test_fork_is_idempotent_with_a_key(client: httpx.AsyncClient) -> None:
     assert (first.status_code, again.status_code) == (201, 201)
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
+
+
+def source_idem_key(cid: str, key: str) -> str:
+    return f"conv:{{acme:{cid}}}:idem:{key_hash(key)}"
+
+
+async def test_a_fork_key_is_scoped_by_the_source_not_the_new_id(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    await turns(client, "e1", "one", "two")
+    headers = {"Idempotency-Key": "fk1"}
+    first = await client.post("/conversations/e1/fork", json={"new_id": "e1-fork"}, headers=headers)
+    assert first.status_code == 201, first.text
+    other = await client.post(
+        "/conversations/e1/fork", json={"new_id": "e1-fork2"}, headers=headers
+    )
+    assert other.status_code == 422, other.text
+    assert other.headers["content-type"] == "application/problem+json"
+    assert other.json()["type"].endswith("idempotency-key-reused")
+    assert await redis.exists(meta_key("e1-fork2"), "conv:{acme:e1-fork2}:log") == 0
+    assert (await client.get("/conversations/e1-fork2")).status_code == 404
+    # The same request replays the first answer and copies nothing again.
+    again = await client.post("/conversations/e1/fork", json={"new_id": "e1-fork"}, headers=headers)
+    assert again.status_code == 201, again.text
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert await contents(client, "e1-fork") == await contents(client, "e1")
+    # A turn or a truncate of the source under the fork's key is another request too.
+    turn = await client.post("/conversations/e1/messages", json=user("x"), headers=headers)
+    cut = await client.delete("/conversations/e1/messages", params={"from_seq": 2}, headers=headers)
+    assert (turn.status_code, cut.status_code) == (422, 422)
+    assert len(await contents(client, "e1")) == 4
+    # ... and a fork reusing a turn's key meets the turn's record.
+    turned = {"Idempotency-Key": "t1"}
+    ok = await client.post("/conversations/e1/messages", json=user("y"), headers=turned)
+    assert ok.status_code == 200, ok.text
+    fork = await client.post("/conversations/e1/fork", json={"new_id": "e1-f3"}, headers=turned)
+    assert fork.status_code == 422, fork.text
+    assert await redis.exists(meta_key("e1-f3")) == 0
+
+
+async def test_a_failed_fork_holds_no_key_and_delete_removes_the_claim(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    await turns(client, "s", "one")
+    await turns(client, "taken", "mine")
+    headers = {"Idempotency-Key": "fk2"}
+    for _ in range(2):  # the same request onto an existing id stays 409, never a replay
+        taken = await client.post(
+            "/conversations/s/fork", json={"new_id": "taken"}, headers=headers
+        )
+        assert taken.status_code == 409, taken.text
+        assert await redis.exists(source_idem_key("s", "fk2")) == 0
+    assert await contents(client, "taken") == ["mine", "reply to: mine"]
+    missing = await client.post("/conversations/nope/fork", json={"new_id": "n"}, headers=headers)
+    assert missing.status_code == 404
+    assert await redis.exists(source_idem_key("nope", "fk2")) == 0
+    # The key a failure gave back serves another request; that one holds it.
+    free = await client.post("/conversations/s/fork", json={"new_id": "free"}, headers=headers)
+    assert free.status_code == 201, free.text
+    assert await redis.exists(source_idem_key("s", "fk2")) == 1
+    assert (await client.delete("/conversations/s")).status_code == 204
+    assert await redis.exists(source_idem_key("s", "fk2")) == 0
+
+
+async def test_a_retry_after_a_crash_between_claim_and_copy_completes(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    await turns(client, "s", "one")
+    headers = {"Idempotency-Key": "fk3"}
+    # What a replica that died after claiming the key on the source leaves behind.
+    fingerprint = idempotency("fk3", "fork", "s", "late", None)
+    assert fingerprint is not None
+    await redis.set(source_idem_key("s", "fk3"), f"{fingerprint.fingerprint}\n{{}}")
+    other = await client.post("/conversations/s/fork", json={"new_id": "x"}, headers=headers)
+    assert other.status_code == 422
+    retry = await client.post("/conversations/s/fork", json={"new_id": "late"}, headers=headers)
+    assert retry.status_code == 201, retry.text
+    assert await contents(client, "late") == await contents(client, "s")
 
 
 async def test_fork_of_a_long_conversation_copies_every_page(

@@ -456,6 +456,18 @@ async def test_fork_across_slots_on_a_cluster(
     assert await topo_redis.zscore(target.index_key, target.id) is not None
     again = await topo_client.post("/conversations/src/fork", json={"new_id": target.id})
     assert again.status_code == 409
+    # The key is claimed in the source's slot: another new_id under it is 422, creating nothing.
+    keyed = {"Idempotency-Key": "fk"}
+    other = ConversationRef("acme", "fork-keyed")
+    done = await topo_client.post(
+        "/conversations/src/fork", json={"new_id": "fork-k"}, headers=keyed
+    )
+    assert done.status_code == 201, done.text
+    reused = await topo_client.post(
+        "/conversations/src/fork", json={"new_id": other.id}, headers=keyed
+    )
+    assert reused.status_code == 422, reused.text
+    assert await topo_redis.exists(other.key("meta"), other.key("log")) == 0
     assert [key async for key in topo_redis.scan_iter(match="*:stage:*")] == []
 
 

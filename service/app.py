@@ -206,9 +206,11 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 ),
             )
             stack.push_async_callback(detached.aclose)  # its turns need Redis and the gateway
+            editing = EditingService(edits, EditPolicy(lock_wait_seconds=cfg.lock_wait_seconds))
             openai = OpenAICompletions(
                 chat,
                 detached,
+                editing,
                 gateway,
                 StreamPolicy(
                     turn_seconds=cfg.gateway_timeout_seconds, ping_seconds=cfg.sse_ping_seconds
@@ -228,9 +230,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 "chat": chat,
                 "detached": detached,
                 "edits": edits,
-                "editing": EditingService(
-                    edits, EditPolicy(lock_wait_seconds=cfg.lock_wait_seconds)
-                ),
+                "editing": editing,
                 "authenticator": Authenticator(client_keys, end_user_tokens),
                 "end_user_tokens": end_user_tokens,
                 "limiter": limiter,

@@ -7,17 +7,25 @@ what follows the log is new. The hash is of what a client can resend: role, cont
 joined, null as empty), tool calls (id, name, arguments), tool_call_id and name; not
 `cache_control`, timestamps or ids of our own, so an app that adds or drops a cache breakpoint,
 or resends `null` where we stored `""`, still matches.
+
+A diverged history forks into a new conversation when the request says
+`X-Conversation-Divergence: fork` (service/openai_service.py does it with EditingService.fork):
+`fork_point` says how much of the log the new conversation keeps, `fork_id` what it is called.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from service.errors import ServiceError
+from service.idempotency import key_hash
 from service.models import JSONObject
 
 HASH_CHARS = 16  # 64 bits: a collision inside one conversation is not a practical concern
@@ -28,6 +36,10 @@ class HistoryDiverged(ServiceError):
     status = 409
     title = "History diverged"
     slug = "history-diverged"
+
+    def __init__(self, detail: str = "", *, common: int = 0) -> None:
+        super().__init__(detail)
+        self.common = common  # how many of the request's first messages the log has too
 
 
 def _content(content: Any) -> Any:
@@ -98,10 +110,45 @@ def new_part(sent: list[str], stored: list[str]) -> Resent:
         raise HistoryDiverged(
             f"messages: the {len(sent)} sent are the first of the {len(stored)} stored, with "
             "nothing new after them; send the whole history and the new message(s), or only "
-            "the new one(s)"
+            "the new one(s)",
+            common=common,
         )
     raise HistoryDiverged(
         f"messages.{common}: the history sent differs from the conversation's stored "
         f"{len(stored)} messages at message {common + 1}; nothing was stored (to keep this "
-        "history, send it under a new conversation id)"
+        "history, send it under a new conversation id, or with X-Conversation-Divergence: "
+        "fork)",
+        common=common,
     )
+
+
+def fork_point(sent: Sequence[JSONObject], common: int) -> int:
+    """How many messages of the log a fork of a diverged history keeps: the `common` first
+    messages it shares with the request (`sent`), cut back to the end of the last whole turn in
+    them (an assistant message that calls no tool). So the fork's log ends where a turn ended, a
+    tool call is never parted from its results, and the rest of the request (never empty) is the
+    turn's new messages; 0 when no turn ended in the shared part."""
+    for end in range(min(common, len(sent) - 1), 0, -1):
+        message = sent[end - 1]
+        if message.get("role") == "assistant" and not message.get("tool_calls"):
+            return end
+    return 0
+
+
+FORK_TAG = ".fork-"
+_FORK_SUFFIX = re.compile(re.escape(FORK_TAG) + r"[0-9a-f]{16}$")
+MAX_ID_CHARS = 128  # as service/schemas.py's CONVERSATION_ID admits
+
+
+def fork_id(conversation_id: str, idempotency_key: str | None) -> str:
+    """The new conversation's id: `<id>.fork-<16 hex>`, within the id pattern and 128 chars
+    (a long id is cut, a fork of a fork replaces the tag rather than adding one). With an
+    Idempotency-Key the tag is a hash of the old id and the key, so a retry forks onto the same
+    id (and EditingService.fork replays); without one it is random, as each request is new."""
+    if idempotency_key is None:
+        tag = secrets.token_hex(8)
+    else:
+        seed = orjson.dumps([conversation_id, key_hash(idempotency_key)])
+        tag = hashlib.sha256(seed).hexdigest()[:16]
+    base = _FORK_SUFFIX.sub("", conversation_id)[: MAX_ID_CHARS - len(FORK_TAG) - len(tag)]
+    return f"{base}{FORK_TAG}{tag}"

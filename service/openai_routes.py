@@ -61,7 +61,11 @@ _COMPLETION_SCHEMA: dict[str, Any] = {
 _HEADERS = {
     name: {"description": meaning, "schema": {"type": kind}}
     for name, meaning, kind in (
-        ("X-Conversation-Id", "The conversation this turn was stored in", "string"),
+        (
+            "X-Conversation-Id",
+            "The conversation this turn was stored in (a new one when a diverged history forked)",
+            "string",
+        ),
         ("X-Conversation-Messages", "Messages stored after this turn", "integer"),
         ("X-Context-Messages", "Messages forwarded (system prompt, summary included)", "integer"),
         ("X-Context-Tokens", "The forwarded array's estimated tokens", "integer"),
@@ -119,6 +123,17 @@ async def create_chat_completion(
             "conversation id and `stream: true`",
         ),
     ] = None,
+    divergence: Annotated[
+        str | None,
+        Header(
+            alias="X-Conversation-Divergence",
+            pattern="^(?:reject|fork)$",
+            description="What a resent history that departs from the stored log does: "
+            "`reject` (the default: 409 `history_diverged`) or `fork` (the turn runs on a new "
+            "conversation with the log's shared whole turns; `X-Conversation-Id` in the answer "
+            "names it)",
+        ),
+    ] = None,
 ) -> Response:
     try:
         named = body.conversation_id(conversation_id)
@@ -131,6 +146,7 @@ async def create_chat_completion(
         request_id=request_id,
         idempotency_key=idempotency_key,
         detach=detach == "true",
+        fork=divergence == "fork",
     )
     if answer.events is not None:
         return StreamingResponse(

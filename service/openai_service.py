@@ -3,7 +3,8 @@
 A request that names a conversation is a turn like any other: ChatService takes the lease,
 trims, calls the gateway and commits (idempotency, summaries and cache breakpoints included);
 only the edges are translated (service/openai_compat.py). A request without one goes to the
-gateway as it is and touches no Redis key.
+gateway as it is and touches no Redis key. A resent history that diverged from the log is 409,
+or with `X-Conversation-Divergence: fork` a turn on a fork of the log (`_forked`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 import orjson
 from pydantic import ValidationError
 
+from service import limits
 from service.auth import Caller
 from service.chat import ChatService
 from service.detached import DetachedTurns
+from service.editing import EditingService
 from service.errors import GatewayError, InvalidRequest, ServiceError
 from service.gateway import GatewayClient, UpstreamStream, parse_reply, record_upstream_time
+from service.history import HistoryDiverged, fork_id, fork_point
 from service.logs import annotate
 from service.openai_compat import (
     ChatCompletionCreate,
@@ -40,6 +45,9 @@ from service.store import ConversationRef
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_data
 
 log = logging.getLogger("service.openai")
+# The fork's own Idempotency-Key, derived from the request's: EditingService.fork keeps its record
+# under the new conversation, where the turn keeps the request's own.
+FORK_KEY_PREFIX = "divergence-fork:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +77,27 @@ def invalid(exc: ValidationError | ValueError) -> InvalidRequest:
     return InvalidRequest(str(exc))
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request's turn, as it runs on a conversation (and again on its fork)."""
+
+    turn: TurnCreate
+    identity: Identity
+    include_usage: bool
+    caller: Caller
+    request_id: str
+    idempotency_key: str | None
+    detach: bool
+    stream: bool
+    resent: bool
+
+
 class OpenAICompletions:
     def __init__(
         self,
         chat: ChatService,
         detached: DetachedTurns,
+        editing: EditingService,
         gateway: GatewayClient,
         policy: StreamPolicy,
         *,
@@ -81,6 +105,7 @@ class OpenAICompletions:
     ) -> None:
         self._chat = chat
         self._detached = detached
+        self._editing = editing
         self._gateway = gateway
         self._policy = policy
         self._allowed_extra = allowed_extra
@@ -103,7 +128,9 @@ class OpenAICompletions:
         request_id: str,
         idempotency_key: str | None,
         detach: bool,
+        fork: bool = False,
     ) -> Answer:
+        """`fork`: a resent history that diverged from the log forks (`_forked`), not 409."""
         if detach and (conversation_id is None or not body.stream):
             raise InvalidRequest(
                 "X-Detach: a detached turn needs a conversation id and `stream: true`"
@@ -132,37 +159,83 @@ class OpenAICompletions:
             return await self._stateless(body, turn, identity, include_usage, caller, request_id)
         annotate(conversation_id=conversation_id)  # as our own route's path parameter is logged
         ref = ConversationRef(tenant=caller.tenant, id=conversation_id)
-        answer = Answer(headers={"X-Conversation-Id": conversation_id})
-        resolve = resolve_history if resent else None
-        if not body.stream:
+        call = _Call(
+            turn,
+            identity,
+            include_usage,
+            caller,
+            request_id,
+            idempotency_key,
+            detach,
+            body.stream,
+            resent,
+        )
+        try:
+            return await self._turn(ref, call)
+        except HistoryDiverged as diverged:
+            if not fork:
+                raise
+            return await self._forked(ref, call, diverged)
+
+    async def _turn(self, ref: ConversationRef, call: _Call) -> Answer:
+        answer = Answer(headers={"X-Conversation-Id": ref.id})
+        resolve = resolve_history if call.resent else None
+        if not call.stream:
             result = await self._chat.turn(
                 ref,
-                turn,
-                caller=caller,
-                request_id=request_id,
-                idempotency_key=idempotency_key,
+                call.turn,
+                caller=call.caller,
+                request_id=call.request_id,
+                idempotency_key=call.idempotency_key,
                 resolve=resolve,
             )
             stored = orjson.loads(result.body)
             answer.headers.update(headers_of(stored.get("conversation")))
             if result.replayed:
                 answer.headers["Idempotent-Replayed"] = "true"
-            answer.body = orjson.dumps(completion(stored, identity))
+            answer.body = orjson.dumps(completion(stored, call.identity))
             return answer
-        start = self._detached.start if detach else self._chat.stream
+        start = self._detached.start if call.detach else self._chat.stream
         events, replayed = await start(
             ref,
-            turn,
-            caller=caller,
-            request_id=request_id,
-            idempotency_key=idempotency_key,
+            call.turn,
+            caller=call.caller,
+            request_id=call.request_id,
+            idempotency_key=call.idempotency_key,
             on_open=lambda conversation: answer.headers.update(headers_of(conversation)),
             resolve=resolve,
         )
         if replayed:
             answer.headers["Idempotent-Replayed"] = "true"
-        answer.events = translated(events, ChunkTranslator(identity, include_usage=include_usage))
+        translator = ChunkTranslator(call.identity, include_usage=call.include_usage)
+        answer.events = translated(events, translator)
         return answer
+
+    async def _forked(self, ref: ConversationRef, call: _Call, diverged: HistoryDiverged) -> Answer:
+        """The turn on a new conversation: the log's first `fork_point` messages (copied by
+        EditingService.fork, settings included), then the rest of the request as the turn's new
+        messages; the old conversation stays as it was. A retry with the same Idempotency-Key
+        finds the same fork (`fork_id`), whose fork and turn both replay. A fork this request
+        made whose turn then fails before answering is deleted: a failed request stores
+        nothing (a stream cut after it began leaves the fork with the copied log only)."""
+        sent = [m.to_wire() for m in call.turn.new_messages()]
+        through = fork_point(sent, diverged.common)
+        if len(sent) - through > limits.MAX_NEW_MESSAGES:
+            raise InvalidRequest(
+                f"messages: at most {limits.MAX_NEW_MESSAGES} new messages in one turn (got "
+                f"{len(sent) - through} after the {through} a fork would keep)"
+            )
+        new = ConversationRef(tenant=ref.tenant, id=fork_id(ref.id, call.idempotency_key))
+        key = None if call.idempotency_key is None else FORK_KEY_PREFIX + call.idempotency_key
+        created = await self._editing.fork(ref, new, through, key)
+        annotate(conversation_id=new.id, forked_from=ref.id)
+        try:
+            return await self._turn(new, call)
+        except BaseException:
+            if not created.replayed:
+                with anyio.CancelScope(shield=True), contextlib.suppress(ServiceError):
+                    await self._chat.delete(new)
+            raise
 
     async def _stateless(
         self,

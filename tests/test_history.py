@@ -4,6 +4,7 @@ refused (409 history_diverged) and stores nothing. Real SDK, real Redis, the sta
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,8 +15,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
 
 from service.config import Settings
-from service.history import HistoryDiverged, message_hash, new_part
-from tests.fake_gateway import FakeGateway
+from service.history import HistoryDiverged, fork_id, fork_point, message_hash, new_part
+from service.schemas import CONVERSATION_ID
+from tests.fake_gateway import Failure, FakeGateway
 from tests.test_openai import Stack, stack_for, stored, user
 
 QUESTIONS = ["Hello", "What is 2+2?", "And 3+3?"]
@@ -241,3 +243,166 @@ async def test_hashes_written_before_a_rewrite_of_the_log_are_not_trusted(
     hashes = await redis.lrange("conv:{acme:edited}:hash", 0, -1)
     assert hashes[2] == message_hash({"role": "user", "content": "What is 2+5?"}).encode()
     assert await redis.hget("conv:{acme:edited}:meta", "hash_generation") == b"1"
+
+
+# ---- X-Conversation-Divergence: fork ----------------------------------------------------------
+
+FORK = {"X-Conversation-Divergence": "fork"}
+# The three turns' log as a client keeps it, with its second question edited (the log says 2+2).
+EDITED: list[ChatCompletionMessageParam] = [
+    SYSTEM,
+    user("Hello"),
+    {"role": "assistant", "content": "reply to: Hello"},
+    user("What is 2+3?"),
+]
+PREFIX = [user("Hello"), {"role": "assistant", "content": "reply to: Hello"}]
+
+
+async def forks(redis: Redis, conversation_id: str) -> list[Any]:
+    return sorted(await redis.keys(f"conv:{{acme:{conversation_id}.fork-*}}:meta"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_diverged_history_forks_with_the_header(
+    stack: Stack, gateway: FakeGateway, redis: Redis, stream: bool
+) -> None:
+    await three_turns(stack, "d", full=True)
+    before = await stored(stack, "d")
+    with pytest.raises(openai.ConflictError):  # without the header: refused, nothing forked
+        await stack.sdk.chat.completions.create(
+            model="m", messages=EDITED, extra_headers={"X-Conversation-Id": "d"}
+        )
+    assert await forks(redis, "d") == []
+    calls = len(gateway.received)
+    async with stack.sdk.chat.completions.with_streaming_response.create(
+        model="m", messages=EDITED, stream=stream, extra_headers={"X-Conversation-Id": "d", **FORK}
+    ) as raw:
+        assert raw.status_code == 200
+        new_id = raw.headers["X-Conversation-Id"]
+        parsed = await raw.parse()
+        if isinstance(parsed, openai.AsyncStream):
+            text = "".join([c.choices[0].delta.content or "" async for c in parsed if c.choices])
+        else:
+            text = str(parsed.choices[0].message.content)
+    assert text == "reply to: What is 2+3?"
+    assert new_id.startswith("d.fork-")
+    assert raw.headers["X-Conversation-Messages"] == "4"
+    # The fork: the log's first whole turn, the request's new question, the reply.
+    assert await stored(stack, new_id) == [
+        *PREFIX,
+        user("What is 2+3?"),
+        {"role": "assistant", "content": "reply to: What is 2+3?"},
+    ]
+    assert await stored(stack, "d") == before  # the old conversation as it was
+    assert len(gateway.received) == calls + 1
+    assert gateway.received[-1]["messages"] == [SYSTEM, *PREFIX, user("What is 2+3?")]
+    assert await forks(redis, "d") == [f"conv:{{acme:{new_id}}}:meta".encode()]
+    # The fork is a conversation like any other: it goes on, and keeps the settings.
+    meta = (await stack.http.get(f"/conversations/{new_id}")).json()
+    assert meta["system"] == "Be terse."
+    await stack.sdk.chat.completions.create(
+        model="m", messages=[user("more")], extra_headers={"X-Conversation-Id": new_id}
+    )
+    assert len(await stored(stack, new_id)) == 6
+
+
+async def test_a_retried_fork_with_its_idempotency_key_forks_once(
+    stack: Stack, gateway: FakeGateway, redis: Redis
+) -> None:
+    await three_turns(stack, "r", full=True)
+    calls = len(gateway.received)
+    headers = {"X-Conversation-Id": "r", "Idempotency-Key": "edit-1", **FORK}
+    answers = [
+        await stack.sdk.chat.completions.with_raw_response.create(
+            model="m", messages=EDITED, extra_headers=headers
+        )
+        for _ in range(2)
+    ]
+    new_id = fork_id("r", "edit-1")
+    assert [a.headers["X-Conversation-Id"] for a in answers] == [new_id, new_id]
+    assert "Idempotent-Replayed" not in answers[0].headers
+    assert answers[1].headers["Idempotent-Replayed"] == "true"
+    assert answers[1].parse().choices[0].message.content == "reply to: What is 2+3?"
+    assert len(gateway.received) == calls + 1
+    assert await forks(redis, "r") == [f"conv:{{acme:{new_id}}}:meta".encode()]
+    assert len(await stored(stack, new_id)) == 4
+    # The same key with another request is refused, as for any turn.
+    with pytest.raises(openai.UnprocessableEntityError):
+        await stack.sdk.chat.completions.create(
+            model="m", messages=[*EDITED[:-1], user("What is 2+4?")], extra_headers=headers
+        )
+    assert len(await stored(stack, new_id)) == 4
+
+
+async def test_a_fork_whose_turn_fails_is_not_kept(
+    stack: Stack, gateway: FakeGateway, redis: Redis
+) -> None:
+    await three_turns(stack, "f", full=True)
+    before = await stored(stack, "f")
+    gateway.failures = [Failure(400, {"error": {"message": "unknown model"}})]
+    headers = {"X-Conversation-Id": "f", "Idempotency-Key": "edit-2", **FORK}
+    with pytest.raises(openai.BadRequestError):
+        await stack.sdk.chat.completions.create(model="m", messages=EDITED, extra_headers=headers)
+    assert await forks(redis, "f") == []
+    assert await redis.keys(f"conv:{{acme:{fork_id('f', 'edit-2')}}}*") == []
+    assert await stored(stack, "f") == before
+    # Its retry forks afresh.
+    answer = await stack.sdk.chat.completions.create(
+        model="m", messages=EDITED, extra_headers=headers
+    )
+    assert answer.choices[0].message.content == "reply to: What is 2+3?"
+    assert len(await stored(stack, fork_id("f", "edit-2"))) == 4
+
+
+async def test_the_divergence_header_is_checked(stack: Stack, redis: Redis) -> None:
+    await three_turns(stack, "h", full=False)
+    keys = sorted(await redis.keys("*"))
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await stack.sdk.chat.completions.create(
+            model="m",
+            messages=EDITED,
+            extra_headers={"X-Conversation-Id": "h", "X-Conversation-Divergence": "merge"},
+        )
+    assert "X-Conversation-Divergence" in caught.value.message
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["type"] == "invalid_request_error"
+    # `reject` says the default out loud; a fork whose new part is too long is refused first.
+    with pytest.raises(openai.ConflictError):
+        await stack.sdk.chat.completions.create(
+            model="m",
+            messages=EDITED,
+            extra_headers={"X-Conversation-Id": "h", "X-Conversation-Divergence": "reject"},
+        )
+    many: list[ChatCompletionMessageParam] = [user("Hello"), *(user(f"m{i}") for i in range(300))]
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        await stack.sdk.chat.completions.create(
+            model="m", messages=many, extra_headers={"X-Conversation-Id": "h", **FORK}
+        )
+    assert "at most 256 new messages" in caught.value.message
+    assert sorted(await redis.keys("*")) == keys
+
+
+def test_where_a_diverged_history_forks() -> None:
+    u, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    calls = {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}
+    result = {"role": "tool", "tool_call_id": "c", "content": "r"}
+    assert fork_point([u, a, u, a, u], 3) == 2  # after the last whole turn shared
+    assert fork_point([u, a, u, a, u], 4) == 4
+    assert fork_point([u, a, u], 3) == 2  # stops within the log: the last message is new
+    assert fork_point([u, a], 2) == 0  # never an empty turn
+    assert fork_point([u, calls, result, a, u], 2) == 0  # a tool call keeps its results
+    assert fork_point([u, calls, result, a, u, a, u], 3) == 0
+    assert fork_point([u, calls, result, a, u, a, u], 5) == 4
+    assert fork_point([u, u, u], 2) == 0
+
+
+def test_fork_ids() -> None:
+    assert fork_id("c", "k") == fork_id("c", "k")  # a retry forks onto the same id
+    assert fork_id("c", "k") != fork_id("c", "k2") != fork_id("d", "k")
+    assert fork_id("c", None) != fork_id("c", None)
+    assert re.fullmatch(r"c\.fork-[0-9a-f]{16}", fork_id("c", None))
+    assert fork_id(fork_id("c", "k"), "k2").count(".fork-") == 1  # a fork of a fork
+    long = "x" * 128
+    for made in (fork_id(long, "k"), fork_id(long, None), fork_id("c", "k")):
+        assert len(made) <= 128
+        assert CONVERSATION_ID.fullmatch(made)

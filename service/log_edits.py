@@ -342,12 +342,7 @@ class LogEditStore:
         kind = _text(answer[0])
         if kind == "busy":
             return Waiting(retry_in_ms=max(1, int(answer[1])), inflight=False)
-        if kind in ("ok", "replay"):
-            if kind == "ok" and self._cluster:
-                await self._store.touch_index(ref, now)
-            body = answer[1]
-            return Created(body if isinstance(body, bytes) else body.encode(), kind == "replay")
-        return _outcome(kind)
+        return await self._answered(ref, answer, now)
 
     async def create(
         self,
@@ -399,15 +394,18 @@ class LogEditStore:
             }
         )
         answer = await self._store.run_script("EDIT_CREATE", keys, [argument])
+        return await self._answered(ref, answer, now)
+
+    async def _answered(self, ref: ConversationRef, answer: Any, now: float) -> Created | Outcome:
+        """A rewriting script's answer: the stored (or replayed) body, else the outcome. On a
+        Cluster the tenant's index lives in another slot, so a write touches it here."""
         kind = _text(answer[0])
-        if kind in ("ok", "replay"):
-            if kind == "ok" and self._cluster:
-                await self._store.touch_index(ref, now)
-            stored = answer[1]
-            return Created(
-                stored if isinstance(stored, bytes) else stored.encode(), kind == "replay"
-            )
-        return _outcome(kind)
+        if kind not in ("ok", "replay"):
+            return _outcome(kind)
+        if kind == "ok" and self._cluster:
+            await self._store.touch_index(ref, now)
+        body = answer[1]
+        return Created(body if isinstance(body, bytes) else body.encode(), kind == "replay")
 
     async def claim(self, ref: ConversationRef, idempotency: Idempotency, record: str) -> Claim:
         """Take `idempotency`'s key on `ref` (a fork's source) for `record`, unless it is

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from pydantic import SecretStr
 
 from service import metrics
 from service.errors import GatewayError, GatewayRejected, GatewayTimeout, Unauthorized
+from service.ids import random_id
 from service.logs import annotate
 from service.models import JSONObject
 from service.sse import EventTooLarge, ServerSentEvent, SSEDecoder
@@ -185,7 +185,7 @@ class GatewayClient:
             "X-Request-ID": request_id,
             "Content-Type": "application/json",
             # One per call, the same on each attempt: a gateway that honours it bills once.
-            "Idempotency-Key": uuid.uuid4().hex,
+            "Idempotency-Key": random_id(),
         }
 
     async def complete(

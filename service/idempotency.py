@@ -5,12 +5,12 @@ these strings; every one of them is made here."""
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass
 
 import orjson
 
 from service.errors import IdempotencyKeyReused
+from service.ids import random_id
 from service.schemas import TurnParams
 
 FINGERPRINT_HEX = 64  # the Lua reads a record's fingerprint as its first 64 characters
@@ -56,7 +56,7 @@ def lease_value(idempotency: Idempotency | None) -> str:
     that a duplicate meeting the lease can tell "my own request, still running" (409 in flight,
     or wait) from "another body under my key" (422)."""
     held = f"{idempotency.key_hash}\n{idempotency.fingerprint}" if idempotency else "\n"
-    return f"{uuid.uuid4().hex}\n{held}"
+    return f"{random_id()}\n{held}"
 
 
 @dataclass(frozen=True, slots=True)

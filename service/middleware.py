@@ -4,11 +4,11 @@ cap, metrics and the access log."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +24,7 @@ from service.errors import (
     UnsupportedMediaType,
     problem_bytes,
 )
+from service.ids import random_id
 from service.logs import begin_request
 
 log = logging.getLogger("service.access")
@@ -72,6 +73,7 @@ class BodyTimeout(HTTPException):
 _UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+@functools.lru_cache(maxsize=4096)  # a few tenants, one hash each per request (issue 10)
 def tenant_hash(tenant: str) -> str:
     return hashlib.sha256(tenant.encode()).hexdigest()[:12]
 
@@ -126,7 +128,7 @@ class RequestMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _REQUEST_ID.match(incoming) else random_id()
         scope.setdefault("state", {})["request_id"] = request_id
         fields = begin_request()
         status = 500

@@ -42,6 +42,7 @@ from service.schemas import (
 )
 from service.store import ConversationRef, ConversationStore
 from service.streaming import DONE
+from service.turn_route import TurnRoute
 
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 ops = APIRouter(tags=["operations"])
@@ -69,7 +70,6 @@ CURSOR = re.compile(r"^[0-9]{1,16}(?:\.[0-9]{1,20})?~[A-Za-z0-9][A-Za-z0-9._:-]{
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@router.post("/{conversation_id}/messages", response_model=None, responses=TURN_RESPONSES)
 async def post_turn(
     body: TurnDep,
     ref: ConversationDep,
@@ -78,6 +78,17 @@ async def post_turn(
     idempotency_key: IdempotencyKeyDep,
 ) -> Response:
     return await answer_turn(body, ref, caller, services, idempotency_key)
+
+
+# The hot path: its parameters solved by TurnRoute (service/turn_route.py), not FastAPI's solver.
+router.add_api_route(
+    "/{conversation_id}/messages",
+    post_turn,
+    methods=["POST"],
+    response_model=None,
+    responses=TURN_RESPONSES,
+    route_class_override=TurnRoute,
+)
 
 
 async def answer_turn(

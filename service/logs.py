@@ -11,6 +11,14 @@ from typing import Any
 
 import orjson
 
+# What every LogRecord would otherwise gather and JsonFormatter never prints: the caller's file and
+# line (a walk up the stack), thread, process and multiprocessing names. Turned off as the logging
+# HOWTO's "Optimization" section describes: the access line cost 38 us, 16 us without (issue 10).
+logging._srcfile = None
+logging.logThreads = False
+logging.logProcesses = False
+logging.logMultiprocessing = False
+
 _request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
 
 # LogRecord attributes that are not "extra" fields given by the caller.

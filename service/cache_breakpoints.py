@@ -68,7 +68,7 @@ def place_breakpoints(
             continue  # the client's own already closes this prefix
         wanted.append(index)
     chosen = sorted(wanted[: max(0, budget)])
-    out = [dict(m) for m in messages]
+    out = list(messages)  # a new list; only the marked messages are copied (the rest unchanged)
     for index in chosen:
-        out[index]["cache_control"] = dict(EPHEMERAL)
+        out[index] = {**messages[index], "cache_control": dict(EPHEMERAL)}
     return out, chosen

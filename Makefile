@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.9
 UV := UV_PYTHON_DOWNLOADS=never $(BIN)/python -m uv
 
-.PHONY: install lock run demo test check lint fmt typecheck bench image mutate
+.PHONY: install lock run demo test check lint fmt typecheck bench bench-instructions image mutate
 
 $(VENV)/.uv-$(UV_VERSION):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ mutate: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Instructions per turn, the service's and the reference's (callgrind: the same on any machine).
+bench-instructions: $(STAMP)
+	command -v valgrind || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y valgrind)
+	$(BIN)/python -m bench.instructions
 
 image:
 	docker build -t conversation-proxy .

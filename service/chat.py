@@ -281,7 +281,7 @@ class ChatService:
         lock_value = lease_value(idempotency)
         lease_ms = int(self._policy.lease_seconds * 1000)
         requested_model = request.model or self._policy.default_model
-        scale = fetch_scale(self._store.cached_factor(ref.tenant, requested_model))
+        scale = fetch_scale(self._store.known_factor(ref.tenant, requested_model))
 
         async def attempt() -> Started | Replay | Mismatch | Refused | Waiting:
             return await self._store.begin_turn(
@@ -496,7 +496,7 @@ class ChatService:
         begun = await self._store.peek(
             ref,
             default_budget=self._policy.token_budget,
-            budget_scale=fetch_scale(self._store.cached_factor(ref.tenant, requested_model)),
+            budget_scale=fetch_scale(self._store.known_factor(ref.tenant, requested_model)),
             max_messages=MAX_WINDOW_MESSAGES,
             replace_from=request.replace_from,
         )

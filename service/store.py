@@ -280,6 +280,10 @@ class ConversationStore:
         for name, source in self._sources.items():
             self._sha[name] = _text(await self._redis.script_load(source))
 
+    def known_factor(self, tenant: str, model: str) -> float | None:
+        """The tenant's correction for `model` as last read; None before any was read here."""
+        return self._factors.get(tenant, (0.0, {}))[1].get(model)
+
     def cached_factor(self, tenant: str, model: str) -> float:
         """The tenant's correction for `model` as last read; the prior before any observation."""
         return self._factors.get(tenant, (0.0, {}))[1].get(model, PRIOR_FACTOR)

@@ -28,6 +28,9 @@ from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, corrected
 
 # Over-fetch the window, so a correction that dropped since our last look still fills it.
 FETCH_MARGIN = 0.8
+# A cold read's correction: the estimate's own. Reads enough for any correction down to 0.8
+# (FETCH_MARGIN); one under that, read cold, shortens that one turn's window, never overfills it.
+COLD_FETCH_FACTOR = 1.0
 
 
 class BudgetExceeded(Exception):
@@ -52,10 +55,13 @@ class Window:
         return range(self.previous_start, self.start) if self.jumped else range(0)
 
 
-def fetch_scale(factor: float) -> float:
+def fetch_scale(factor: float | None) -> float:
     """Estimate units the store reads per budget token: the budget in estimate units, with a
-    margin for a correction that sank since it was last read."""
-    return 1 / (FETCH_MARGIN * max(MIN_FACTOR, factor))
+    margin for a correction that sank since it was last read. None: no correction read yet (a
+    process's first turn for a tenant and model; the turn reads the corrections in the same round
+    trip and trims with them): sized for COLD_FETCH_FACTOR, not the prior (1.5), which read fewer
+    messages than a usual correction (1.0 to 1.2) lets the window hold."""
+    return 1 / (FETCH_MARGIN * max(MIN_FACTOR, COLD_FETCH_FACTOR if factor is None else factor))
 
 
 def continues_turn(new_messages: Sequence[Mapping[str, Any]]) -> bool:

@@ -249,3 +249,31 @@ async def test_a_rise_one_replica_stored_is_not_undone_by_another(
         assert plain.status_code == 200
     after = float(await redis.hget("conv:{acme}:calibration", "claude-sonnet-4-6") or 0)
     assert after > 0.8 * risen, (usual, risen, after)
+
+
+async def test_a_fresh_replicas_first_turn_forwards_the_whole_window(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    """A replica that has not read the tenant's corrections yet (just started) still reads enough
+    history for the window the real correction allows: it reads the corrections in the same round
+    trip, so the read is sized for the smallest correction, not for the prior (1.5), which would
+    have left out turns that a correction of 1.0 lets the budget hold."""
+    settings = make_settings(redis_url, token_budget=1500, trim_low_water=1.0)
+    roomy = make_settings(redis_url, token_budget=8000)  # the history, untrimmed so far
+    async with serve(roomy, gateway) as warm:
+        for i in range(24):
+            response = await warm.post(
+                "/conversations/chat/messages", json=user(f"{i} " + "lorem ipsum " * 12)
+            )
+            assert response.status_code == 200
+    # The gateway as it might count: exactly the estimate.
+    await redis.hset("conv:{acme}:calibration", "claude-sonnet-4-6", "1.0")
+    async with serve(settings, gateway) as fresh:
+        response = await fresh.post(
+            "/conversations/chat/messages", json=user("24 " + "lorem ipsum " * 12)
+        )
+        assert response.status_code == 200
+    context = response.json()["conversation"]["context"]
+    assert context["dropped_messages"] > 0  # the budget, not the history, bounds the window
+    # A read sized by the prior holds at most 1500 / (0.8 x 1.5) = 1,250 estimated tokens.
+    assert context["estimated_tokens"] > 1400, context

@@ -18,6 +18,7 @@ from service.config import Settings
 from service.gateway import GatewayClient
 from service.schemas import TurnCreate
 from service.store import ConversationRef, ConversationStore
+from service.trim import COLD_FETCH_FACTOR, FETCH_MARGIN
 from tests.conftest import make_settings, serve
 from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
 from tests.polling import eventually
@@ -284,8 +285,10 @@ async def test_a_long_history_is_read_only_as_far_as_the_window(
     forwarded = len(gateway.received[0]["messages"])
     assert 10 < forwarded < 200
     assert response.json()["conversation"]["context"]["dropped_messages"] == 10_000 - forwarded + 1
-    # Redis sent about the window (and this test's INFO), not the 2 MB history.
-    assert after - before < 60 * forwarded * 4 + 20_000 < stored_bytes / 10
+    # Redis sent one fetch of the window (a replica's first turn reads budget / (FETCH_MARGIN x
+    # COLD_FETCH_FACTOR) estimated tokens of messages) and this test's INFO: not the 2 MB history.
+    fetched = 4000 / (FETCH_MARGIN * COLD_FETCH_FACTOR) / 52  # messages of 52 estimated tokens
+    assert after - before < fetched * (len(records[0]) + 30) + 20_000 < stored_bytes / 10
 
 
 class CountingConnection(Connection):

@@ -8,7 +8,9 @@ service (`service.app.create_app`, settings as `make bench` runs it) and the ben
 generator in the count, only the app's own turn. 32 turns at a time, each on one of 2,000
 conversations of 20 stored messages, against a real Redis and the bench's upstream (both in other
 processes); after a warm-up, callgrind counts `--turns` turns. Prints instructions per turn for
-both and their ratio. Needs valgrind (`apt-get install valgrind`); `make bench-instructions`.
+both and their ratio; with `--features`, also the service's turn with the new features on (a Claude
+model: cache breakpoints; summaries on, not due) against off, as `make bench`'s features row.
+Needs valgrind (`apt-get install valgrind`); `make bench-instructions`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from redis import Redis
 
 from bench import reference
 from bench.procs import LOAD_CORE, SERVICE_CORE, Proc, free_port, pinned, wait_http, wait_port
-from bench.seed import seed
+from bench.run import CLAUDE_MODEL, FEATURE_BUDGET, FEATURE_MIN_TOKENS
+from bench.seed import seed, seed_calibration
 from bench.upstreams import MODEL, TOKEN_BUDGET, USER_TEXT, WINDOW_MESSAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,17 +42,27 @@ TENANT, CLIENT_KEY = "bench", "bench-client-key-0123456789"
 POOL = 2000  # conversations per app: 32 in flight never share one
 CONCURRENCY = 32
 WARM_UP = 300
-BODY = orjson.dumps({"model": MODEL, "message": {"role": "user", "content": USER_TEXT}})
+# Each target's conversations (seeded alike, 20 messages) and the model its turns name.
+TARGETS = {
+    "service": ("t", MODEL),
+    "reference": ("t", MODEL),
+    "features-off": ("f", MODEL),  # their own budget: no trimming, as features-on
+    "features-on": ("g", CLAUDE_MODEL),  # and summaries on in their metadata
+}
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 
-def _scope(conversation: str) -> dict[str, Any]:
+def _body(model: str) -> bytes:
+    return orjson.dumps({"model": model, "message": {"role": "user", "content": USER_TEXT}})
+
+
+def _scope(conversation: str, body: bytes) -> dict[str, Any]:
     path = f"/conversations/{conversation}/messages"
     headers = [
         (b"host", b"bench"),
         (b"authorization", f"Bearer {CLIENT_KEY}".encode()),
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(BODY)).encode()),
+        (b"content-length", str(len(body)).encode()),
     ]
     return {
         "type": "http",
@@ -67,7 +80,7 @@ def _scope(conversation: str) -> dict[str, Any]:
     }
 
 
-async def _turn(app: ASGIApp, conversation: str) -> int:
+async def _turn(app: ASGIApp, conversation: str, body: bytes) -> int:
     """One POST through the app; its status."""
     delivered = False
     status = 0
@@ -76,7 +89,7 @@ async def _turn(app: ASGIApp, conversation: str) -> int:
         nonlocal delivered
         if not delivered:
             delivered = True
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.Event().wait()  # no disconnect while the answer is written
         raise AssertionError("unreachable")
 
@@ -85,19 +98,21 @@ async def _turn(app: ASGIApp, conversation: str) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(_scope(conversation), receive, send)
+    await app(_scope(conversation, body), receive, send)
     return status
 
 
-async def _turns(app: ASGIApp, first: int, count: int) -> int:
+async def _turns(app: ASGIApp, target: str, first: int, count: int) -> int:
     """`count` turns, CONCURRENCY at a time; the number that were not 200."""
+    prefix, model = TARGETS[target]
+    body = _body(model)
     numbers = iter(range(first, first + count))
     failed = 0
 
     async def worker() -> None:
         nonlocal failed
         for n in numbers:
-            if await _turn(app, f"t{n % POOL}") != 200:
+            if await _turn(app, f"{prefix}{n % POOL}", body) != 200:
                 failed += 1
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -128,6 +143,7 @@ def _app(target: str, redis_url: str, upstream: str) -> Any:
             "token_budget": TOKEN_BUDGET,
             "default_model": MODEL,
             "trim_low_water": 1,  # as make bench: every window is the reference's 20 messages
+            "cache_min_tokens": FEATURE_MIN_TOKENS,
         }
     )
     return create_app(settings)
@@ -137,12 +153,12 @@ async def _child(target: str, redis_url: str, upstream: str, turns: int) -> None
     from asgi_lifespan import LifespanManager
 
     async with LifespanManager(_app(target, redis_url, upstream)) as manager:
-        failed = await _turns(manager.app, 0, WARM_UP)
+        failed = await _turns(manager.app, target, 0, WARM_UP)
         gc.collect()
         gc.freeze()  # as `python -m service` does at start-up
         gc.set_threshold(20_000, 20, 100)
         _callgrind(True)
-        failed += await _turns(manager.app, WARM_UP, turns)
+        failed += await _turns(manager.app, target, WARM_UP, turns)
         _callgrind(False)
     if failed:
         raise SystemExit(f"{target}: {failed} turns failed")
@@ -168,7 +184,8 @@ def _count(target: str, redis_url: str, upstream: str, turns: int, workdir: Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
     parser.add_argument("--turns", type=int, default=300, help="turns counted per app")
-    parser.add_argument("--child", choices=["service", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--features", action="store_true", help="also features on against off")
+    parser.add_argument("--child", choices=sorted(TARGETS), help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -193,15 +210,22 @@ def main(argv: list[str] | None = None) -> int:
         wait_port(redis_proc, redis_port, timeout=10)
         wait_http(upstream_proc, upstream_port, "/health", timeout=20)
         redis = Redis(port=redis_port)
+        seed_calibration(redis, TENANT, [MODEL, CLAUDE_MODEL])
         seed(redis, TENANT, "t", POOL, WINDOW_MESSAGES)
         seed(redis, reference.TENANT, "t", POOL, WINDOW_MESSAGES)
+        targets = ["service", "reference"]
+        if args.features:
+            seed(redis, TENANT, "f", POOL, WINDOW_MESSAGES, meta={"token_budget": FEATURE_BUDGET})
+            features = {"token_budget": FEATURE_BUDGET, "summary_enabled": "true"}
+            seed(redis, TENANT, "g", POOL, WINDOW_MESSAGES, meta=features)
+            targets += ["features-off", "features-on"]
         redis_url, upstream = (
             f"redis://127.0.0.1:{redis_port}/0",
             f"http://127.0.0.1:{upstream_port}",
         )
         counts = {
             target: _count(target, redis_url, upstream, args.turns, workdir) / args.turns
-            for target in ("service", "reference")
+            for target in targets
         }
     finally:
         upstream_proc.stop()
@@ -214,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  service    {service / 1e6:7.3f} M")
     print(f"  reference  {ref / 1e6:7.3f} M")
     print(f"  ratio      {service / ref:7.2f}x the reference")
+    if args.features:
+        on, off = counts["features-on"], counts["features-off"]
+        print(f"  features on {on / 1e6:6.3f} M, off {off / 1e6:6.3f} M: {on / off:.3f}x off")
     return 0
 
 

@@ -38,7 +38,7 @@ from bench.procs import (
     wait_http,
     wait_port,
 )
-from bench.seed import seed
+from bench.seed import seed, seed_calibration
 from bench.upstreams import (
     MODEL,
     TOKEN_BUDGET,
@@ -369,6 +369,7 @@ class Bench:
     def seed_all(self) -> None:
         assert self.redis is not None
         print("seeding conversations ...", flush=True)
+        seed_calibration(self.redis, TENANT, [MODEL, CLAUDE_MODEL])
         seed(self.redis, TENANT, "t", POOL, WINDOW_MESSAGES)
         seed(self.redis, reference.TENANT, "t", POOL, WINDOW_MESSAGES)
         seed(self.redis, TENANT, "o", POOL, WINDOW_MESSAGES)  # for /v1/chat/completions
@@ -470,10 +471,14 @@ class Bench:
         body = orjson.dumps({"model": MODEL, "message": {"role": "user", "content": USER_TEXT}})
         headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
 
+        forwarded: list[int] = []
+
         def post(n: int) -> int:
             conn.request("POST", f"/conversations/t{n}/messages", body=body, headers=headers)
             response = conn.getresponse()
-            response.read()
+            answer = response.read()
+            if response.status == 200:
+                forwarded.append(orjson.loads(answer)["conversation"]["context"]["messages"])
             return response.status
 
         post(0)  # the connection is open, the pool warm
@@ -504,6 +509,14 @@ class Bench:
             f"incl. inside Lua: {listed}; non-200: {failed})",
             per_turn <= 2.0 + 0.05 and failed == 0,
         )
+        # Every figure compares arrays of the reference's size: a service that forwarded fewer
+        # messages (a correction factor run away) would flatter them all.
+        short = [n for n in forwarded if n != WINDOW_MESSAGES + 1]
+        if short:
+            self.failures.append(
+                f"round_trips: {len(short)} of {len(forwarded)} turns forwarded other than "
+                f"{WINDOW_MESSAGES + 1} messages (e.g. {short[0]})"
+            )
 
     def history(self, port: int) -> None:
         print(f"history independence: {HISTORY_SMALL} vs {HISTORY_LARGE:,} stored, 1 connection")

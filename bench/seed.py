@@ -10,7 +10,7 @@ from redis import Redis
 from bench.upstreams import REPLY_TEXT, USER_TEXT
 from service.models import Message, Role
 from service.store import ConversationRef
-from service.tokens import message_tokens
+from service.tokens import SAFETY_MARGIN, message_tokens
 
 
 def message_json(seq: int, now: float) -> bytes:
@@ -66,3 +66,13 @@ def seed(
             pipe.execute()
     pipe.execute()
     return written
+
+
+def seed_calibration(redis: Redis, tenant: str, models: list[str]) -> None:
+    """The tenant's correction factor for `models` at its settled value. The bench's upstreams
+    report the same input tokens whatever they are sent, so from the prior factor (1.5) the first
+    windows would be trimmed, the fixed report then read as a higher ratio, the windows trimmed
+    further: a loop up to the largest factor and two-message windows. Seeded at SAFETY_MARGIN (what
+    an exact report settles at), every turn forwards the whole window, as the reference does."""
+    key = ConversationRef(tenant, "").calibration_key
+    redis.hset(key, mapping={model: repr(SAFETY_MARGIN) for model in models})

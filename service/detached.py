@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from service.auth import Caller
 from service.chat import ChatService, Resolver
 from service.errors import ServiceError
 from service.idempotency import Idempotency, fingerprint, key_hash
+from service.ids import random_id
 from service.models import JSONObject
 from service.schemas import TurnCreate, TurnStatus
 from service.store import ConversationRef
@@ -153,7 +153,7 @@ class DetachedTurns:
                 and idempotency.is_running_as(current.idem, current.fingerprint)
             ):
                 return self.follow(ref, current.id, after=0), True
-        turn_id = uuid.uuid4().hex[:16]
+        turn_id = random_id()[:16]
         # Before the lease: readers may wait on the turn from its first moment. A turn that
         # fails to start leaves only this key, which expires within a lease.
         await self._journal.mark_alive(ref, turn_id, self._lease_ms)

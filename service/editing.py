@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -33,6 +32,7 @@ from service.errors import (
     StoreUnavailable,
 )
 from service.idempotency import Idempotency, IdempotentRecord, key_hash, reused
+from service.ids import random_id
 from service.lease import wait_for_lease
 from service.log_edits import PAGE_SIZE, Created, LogEditStore, Outcome, Slice
 from service.models import ConversationMeta, JSONObject, Message, Role
@@ -238,7 +238,7 @@ class EditingService:
         # source first: another fork (or turn) under it is 422 there. A claim left by a call
         # that died is this request's: its retry goes on and creates or replays.
         record = IdempotentRecord(
-            idem, orjson.dumps({"fork": new.id, "claim": uuid.uuid4().hex})
+            idem, orjson.dumps({"fork": new.id, "claim": random_id()})
         ).encoded()
         claim = await self._edits.claim(ref, idem, record)
         if claim == "gone":

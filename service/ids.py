@@ -1,6 +1,6 @@
-"""random_id(): the random tokens of a request (its id, a lease's fencing token, the gateway's
-Idempotency-Key): 32 hex digits from the OS's CSPRNG, as uuid4().hex gave, at a fifth of its CPU
-(three per turn: issue 10)."""
+"""random_id(): every random token the service makes (request ids, leases' fencing tokens, the
+gateway's Idempotency-Key, detached turn ids, claims): 32 hex digits from the OS's CSPRNG, as
+uuid4().hex gave, at a fifth of its CPU (three per turn: issue 10)."""
 
 from __future__ import annotations
 

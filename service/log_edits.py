@@ -12,7 +12,6 @@ node or on a Cluster, where the source and the new conversation may live in diff
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import orjson
 
 from service.idempotency import Idempotency
+from service.ids import random_id
 from service.models import ConversationMeta, Message
 from service.redis_scripts import _REWRITE, _SLIDE_TTL, _TOUCH_INDEX
 from service.store import ConversationRef, ConversationStore, Waiting, _meta, _readable
@@ -356,7 +356,7 @@ class LogEditStore:
         """Create conversation `ref` with these records (and their token estimates, a page at a
         time) and metadata fields, all or nothing; `body` is the answer, kept for an idempotent
         replay."""
-        token = uuid.uuid4().hex
+        token = random_id()
         stage_log, stage_tok = ref.key(f"stage:{token}:log"), ref.key(f"stage:{token}:tok")
         count = 0
         async for page_records, page_tokens in pages:

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +21,7 @@ from typing import Literal
 from service import metrics
 from service.errors import GatewayError
 from service.gateway import GatewayClient
+from service.ids import random_id
 from service.models import ConversationMeta, Message
 from service.store import ConversationRef
 from service.summary_plan import (
@@ -226,7 +226,7 @@ class SummaryService:
         request_id: str,
     ) -> tuple[Outcome, int]:
         """One round: (its outcome, the seq the summary covers through after it; 0: unknown)."""
-        lease_value = uuid.uuid4().hex
+        lease_value = random_id()
         lease_ms = int(self._policy.lease_seconds * 1000)
         try:
             begun = await self._store.begin(

@@ -37,9 +37,10 @@ from service.deps import (
 )
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
-# The endpoint's parameters, in order, and what solves each (the body's check is the route's own).
+# The endpoint's parameters, in order, and what solves each after the body (whose check,
+# get_turn or get_regenerate, is the route's own).
 SHAPE = ("body", "ref", "caller", "services", "idempotency_key")
-SOLVERS = (None, get_conversation, get_caller, get_turn_services, get_idempotency_key)
+SOLVERS = (get_conversation, get_caller, get_turn_services, get_idempotency_key)
 
 
 class TurnRoute(APIRoute):
@@ -49,7 +50,7 @@ class TurnRoute(APIRoute):
         calls = tuple(d.call for d in dependant.dependencies)
         body_field = self.body_field
         check = calls[0] if calls else None  # get_turn or get_regenerate: (body, request, caller)
-        if names != SHAPE or calls[1:] != SOLVERS[1:] or body_field is None or check is None:
+        if names != SHAPE or calls[1:] != SOLVERS or body_field is None or check is None:
             raise TypeError(f"{self.path}: not a turn-shaped endpoint {names}")
         (id_field,) = dependant.dependencies[1].path_params
         (key_field,) = dependant.dependencies[4].header_params

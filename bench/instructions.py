@@ -33,12 +33,11 @@ from redis import Redis
 
 from bench import reference
 from bench.procs import LOAD_CORE, SERVICE_CORE, Proc, free_port, pinned, wait_http, wait_port
-from bench.run import CLAUDE_MODEL, FEATURE_BUDGET, FEATURE_MIN_TOKENS
+from bench.run import CLAUDE_MODEL, CLIENT_KEY, FEATURE_BUDGET, TENANT, service_settings
 from bench.seed import seed, seed_calibration
-from bench.upstreams import MODEL, TOKEN_BUDGET, USER_TEXT, WINDOW_MESSAGES
+from bench.upstreams import MODEL, USER_TEXT, WINDOW_MESSAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-TENANT, CLIENT_KEY = "bench", "bench-client-key-0123456789"
 POOL = 2000  # conversations per app: 32 in flight never share one
 CONCURRENCY = 32
 WARM_UP = 300
@@ -134,18 +133,7 @@ def _app(target: str, redis_url: str, upstream: str) -> Any:
     from service.logs import configure_logging
 
     configure_logging("info")
-    settings = Settings.model_validate(
-        {
-            "redis_url": redis_url,
-            "gateway_url": f"{upstream}/v1",
-            "gateway_api_key": "bench-upstream-key",
-            "api_keys": f"{TENANT}:{CLIENT_KEY}",
-            "token_budget": TOKEN_BUDGET,
-            "default_model": MODEL,
-            "trim_low_water": 1,  # as make bench: every window is the reference's 20 messages
-            "cache_min_tokens": FEATURE_MIN_TOKENS,
-        }
-    )
+    settings = Settings.model_validate(service_settings(redis_url, f"{upstream}/v1"))
     return create_app(settings)
 
 

@@ -66,6 +66,25 @@ FEATURE_BUDGET = "8000"
 FEATURE_MIN_TOKENS = 256  # a 21-message array (~500 tokens) gets its breakpoints
 
 
+def service_settings(
+    redis_url: str, gateway_url: str, budget: int = TOKEN_BUDGET
+) -> dict[str, str]:
+    """The bench's service settings by field name (its environment upper-cases them;
+    bench/instructions.py validates them in process), so both measure the same service."""
+    return {
+        "redis_url": redis_url,
+        "gateway_url": gateway_url,
+        "gateway_api_key": UPSTREAM_KEY,
+        "api_keys": f"{TENANT}:{CLIENT_KEY}",
+        "token_budget": str(budget),
+        "default_model": MODEL,
+        # Sliding trimming: every window is exactly the reference's (the default low-water mark
+        # jumps the window back to 60% of the budget, and would forward less).
+        "trim_low_water": "1",
+        "cache_min_tokens": str(FEATURE_MIN_TOKENS),
+    }
+
+
 @dataclass
 class Row:
     figure: str
@@ -212,22 +231,16 @@ class Bench:
         budget: int = TOKEN_BUDGET,
     ) -> tuple[Proc, int]:
         port = free_port()
+        redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        gateway_url = f"http://127.0.0.1:{upstream_port}{base}/v1"
+        settings = service_settings(redis_url, gateway_url, budget)
         env = {
             **os.environ,
-            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "GATEWAY_URL": f"http://127.0.0.1:{upstream_port}{base}/v1",
-            "GATEWAY_API_KEY": UPSTREAM_KEY,
-            "API_KEYS": f"{TENANT}:{CLIENT_KEY}",
+            **{name.upper(): value for name, value in settings.items()},
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "WORKERS": "1",
             "LOG_LEVEL": self.args.log_level,
-            "TOKEN_BUDGET": str(budget),
-            "DEFAULT_MODEL": MODEL,
-            # Sliding trimming: every window is exactly the reference's (the default low-water
-            # mark jumps the window back to 60% of the budget, and would forward less).
-            "TRIM_LOW_WATER": "1",
-            "CACHE_MIN_TOKENS": str(FEATURE_MIN_TOKENS),
         }
         argv = pinned(SERVICE_CORE, [sys.executable, "-m", "service"])
         proc = self.start(Proc(name, argv, log_dir=self.workdir, env=env, cwd=ROOT))

@@ -286,7 +286,8 @@ class ConversationStore:
 
     def cached_factor(self, tenant: str, model: str) -> float:
         """The tenant's correction for `model` as last read; the prior before any observation."""
-        return self._factors.get(tenant, (0.0, {}))[1].get(model, PRIOR_FACTOR)
+        known = self.known_factor(tenant, model)
+        return PRIOR_FACTOR if known is None else known
 
     def _remember_factors(self, tenant: str, read_at: float, factors: dict[str, float]) -> None:
         if tenant not in self._factors and len(self._factors) >= MAX_CACHED_TENANTS:

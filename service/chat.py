@@ -127,7 +127,7 @@ class Plan:
     window: Window
     summary: SummaryUse | None
     payload: JSONObject  # the gateway request body, breakpoints included
-    estimates: list[int]  # each forwarded message, in the gateway's units
+    estimates: list[int]  # each forwarded message, in the gateway's units (when asked for)
     breakpoints: list[int]  # indexes of the messages given a cache breakpoint
     raw_estimate: int  # the forwarded array, in local estimate units
 
@@ -399,6 +399,8 @@ class ChatService:
         request: TurnParams,
         begun: Started,
         new_wire: list[JSONObject],
+        *,
+        with_estimates: bool = False,
     ) -> Plan:
         """What a turn forwards: the window chosen (service/trim.py), the summary with it, and
         prompt-cache breakpoints on the forwarded copy. Raises OverTokenBudget."""
@@ -450,17 +452,21 @@ class ChatService:
             *(m.to_wire() for m in window.history),
             *new_wire,
         ]
-        # The history's estimates are stored beside it (trimming used them): measured once, when
-        # stored, so a long window costs no per-message work here (issue 10).
-        raw_estimates = [
-            *(message_tokens(m) for m in system_wire),
-            *([summary.tokens] if summary_wire and summary else []),
-            *(m.tokens for m in window.history),
-            *(message_tokens(m) for m in new_wire),
-        ]
-        estimates = [corrected(tokens, factor) for tokens in raw_estimates]
+        # Per-message estimates in the gateway's units only where they are used (breakpoints,
+        # the preview): a long window costs no per-message work it does not need (issue 10).
+        estimates: list[int] = []
         breakpoints: list[int] = []
-        if needs_breakpoints(model, self._policy.cache_control_models):
+        cache_marked = needs_breakpoints(model, self._policy.cache_control_models)
+        if with_estimates or cache_marked:
+            # The history's estimates are stored beside it (trimming used them).
+            raw_estimates = [
+                *(message_tokens(m) for m in system_wire),
+                *([summary.tokens] if summary_wire and summary else []),
+                *(m.tokens for m in window.history),
+                *(message_tokens(m) for m in new_wire),
+            ]
+            estimates = [corrected(tokens, factor) for tokens in raw_estimates]
+        if cache_marked:
             pinned = len(system_wire) + len(summary_wire)
             messages, breakpoints = place_breakpoints(
                 messages,
@@ -475,7 +481,7 @@ class ChatService:
             + system_tokens
             + (summary.tokens if summary else 0)
             + new_tokens
-            + sum(m.tokens for m in window.history)
+            + window.history_tokens
         )
         return Plan(
             model=model,
@@ -502,7 +508,7 @@ class ChatService:
         )
         if isinstance(begun, Refused):
             raise refusal(ref, begun, request.replace_from)
-        plan = self._forwarded(ref, request, begun, new_wire)
+        plan = self._forwarded(ref, request, begun, new_wire, with_estimates=True)
         window = plan.window
         return {
             "request": plan.payload,
@@ -607,13 +613,12 @@ class ChatService:
     def _summarize_after(self, turn: _Turn, stored: list[Message]) -> None:
         if self._summaries is None or turn.summary is None:
             return
-        forwarded_history = sum(m.tokens for m in turn.window.history)
         self._summaries.after_turn(
             turn.ref,
             turn.summary,
             first_seq=turn.first_seq,
             history=[*turn.window.history, *turn.carried, *stored],
-            fixed_tokens=turn.raw_estimate - forwarded_history,
+            fixed_tokens=turn.raw_estimate - turn.window.history_tokens,
             budget=turn.budget,
             factor=self._store.cached_factor(turn.ref.tenant, turn.model),
             client_key=turn.upstream_key,

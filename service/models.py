@@ -35,7 +35,9 @@ class Message(BaseModel):
 
     def to_wire(self) -> JSONObject:
         """The message as the gateway expects it (no seq, tokens or timestamps)."""
-        wire: JSONObject = {"role": self.role.value, "content": self.content}
+        # `_value_`, not `.value`: the enum property is a Python-level descriptor call, and this
+        # runs once per forwarded message (a 200-message window: 200 times a turn).
+        wire: JSONObject = {"role": self.role._value_, "content": self.content}
         if self.tool_calls is not None:
             wire["tool_calls"] = self.tool_calls
         if self.tool_call_id is not None:

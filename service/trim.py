@@ -43,6 +43,7 @@ class BudgetExceeded(Exception):
 @dataclass(frozen=True, slots=True)
 class Window:
     history: list[Message]  # forwarded stored history, oldest first
+    history_tokens: int  # the forwarded history's own estimates, summed (local units)
     estimated_tokens: int  # the whole forwarded array, in the gateway's units
     dropped_messages: int  # stored messages not forwarded
     start: int  # the window start after this turn: the seq the next turn's history begins at
@@ -110,7 +111,8 @@ def choose_window(
     """
     if not 1 <= start <= stored_count + 1:
         start = 1  # the log was cut back (or the start never set): begin again
-    history = [m for m in history if m.seq >= start]
+    if history and history[0].seq < start:  # seqs ascend: only a fetch from before the start
+        history = [m for m in history if m.seq >= start]
     reached = not history or history[0].seq <= start  # the fetch read back to the start
     lead, turns = split_turns(history)
     prefix = ARRAY_OVERHEAD + system_tokens + summary_tokens
@@ -124,11 +126,14 @@ def choose_window(
             raise BudgetExceeded(corrected(needed, factor), budget)
         else:
             pinned, lead = lead, []  # the whole history is one open turn without a user message
-    fixed = prefix + new_tokens + _cost(pinned)
+    pinned_cost = _cost(pinned)
+    fixed = prefix + new_tokens + pinned_cost
     if corrected(fixed, factor) > budget:
         raise BudgetExceeded(corrected(fixed, factor), budget)
+    # Each turn's cost once: a long window is summed here, not again per choice (issue 10).
+    costs = [_cost(turn) for turn in turns]
     # Leading messages before any user message would be orphans at the front: never forwarded.
-    everything = fixed + sum(_cost(turn) for turn in turns)
+    everything = fixed + sum(costs)
     if reached and corrected(everything, factor) <= budget:
         forwarded = [m for turn in turns for m in turn] + pinned  # the start is kept
         used = everything
@@ -136,11 +141,10 @@ def choose_window(
         # Jump: the newest whole turns within the low-water share (without the new messages),
         # and within the budget with them.
         water = low_water * budget
-        kept_cost = prefix + _cost(pinned)
+        kept_cost = prefix + pinned_cost
         used = fixed
-        kept: list[list[Message]] = []
-        for turn in reversed(turns):
-            cost = _cost(turn)
+        kept = 0
+        for cost in reversed(costs):
             if (
                 corrected(kept_cost + cost, factor) > water
                 or corrected(used + cost, factor) > budget
@@ -148,11 +152,12 @@ def choose_window(
                 break
             kept_cost += cost
             used += cost
-            kept.append(turn)
-        forwarded = [m for turn in reversed(kept) for m in turn] + pinned
+            kept += 1
+        forwarded = [m for turn in turns[len(turns) - kept :] for m in turn] + pinned
     new_start = forwarded[0].seq if forwarded else stored_count + 1
     return Window(
-        history=list(forwarded),
+        history=forwarded,
+        history_tokens=used - prefix - new_tokens,
         estimated_tokens=corrected(used, factor),
         dropped_messages=stored_count - len(forwarded),
         start=new_start,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from typing import Any
 
 from service.models import JSONObject
@@ -21,7 +22,8 @@ EPHEMERAL: JSONObject = {"type": "ephemeral"}
 MAX_BREAKPOINTS = 4
 
 
-def needs_breakpoints(model: str, patterns: Sequence[str]) -> bool:
+@lru_cache(maxsize=1024)  # asked every turn; a model's answer never changes (bounded: client names)
+def needs_breakpoints(model: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(model, pattern) for pattern in patterns)
 
 

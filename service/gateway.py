@@ -9,12 +9,12 @@ boundary; the gateway's error text is passed to the client but never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Literal
 
 import aiohttp
@@ -97,6 +97,33 @@ class UpstreamStream:
             self.response.release()
         else:
             self.response.close()
+
+
+class _Deadline:
+    """`asyncio.timeout_at(when)` whose expiry, or a read that outlived the time limit inside
+    it, is GatewayTimeout (504). A class, not an async generator: entered twice per turn."""
+
+    __slots__ = ("_limit", "_timeout")
+
+    def __init__(self, when: float, limit: float) -> None:
+        self._timeout = asyncio.timeout_at(when)
+        self._limit = limit
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self._timeout.__aexit__(kind, exc, tb)
+        except TimeoutError as expired:  # our deadline
+            raise GatewayTimeout(self._message()) from expired
+        if isinstance(exc, TimeoutError):  # a read that outlived the time limit
+            raise GatewayTimeout(self._message()) from exc
+
+    def _message(self) -> str:
+        return f"the gateway did not answer within {self._limit:g} s"
 
 
 def record_upstream_time(started: float) -> None:
@@ -248,17 +275,12 @@ class GatewayClient:
     def _secrets(self, key: str) -> tuple[str, ...]:
         return (key,)
 
-    @contextlib.asynccontextmanager
-    async def _deadline(self, deadline: float | None) -> AsyncIterator[None]:
+    def _deadline(self, deadline: float | None) -> _Deadline:
         """The turn's deadline over the whole call, retries included: 504 past it."""
         when = (
             deadline if deadline is not None else asyncio.get_running_loop().time() + self._timeout
         )
-        try:
-            async with asyncio.timeout_at(when):
-                yield
-        except TimeoutError as exc:  # our deadline, or a read that outlived the time limit
-            raise GatewayTimeout(f"the gateway did not answer within {self._timeout:g} s") from exc
+        return _Deadline(when, self._timeout)
 
     async def _send(self, payload: JSONObject, key: str, request_id: str) -> aiohttp.ClientResponse:
         """Send, retrying only what cannot have reached a model; returns an open 2xx response

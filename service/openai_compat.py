@@ -113,7 +113,9 @@ class HistoryTurnCreate(TurnCreate):
     @classmethod
     def _bounded(cls, value: Any) -> Any:
         return refuse_early(
-            value, {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS}
+            value,
+            {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS},
+            encodable=True,
         )
 
 
@@ -180,7 +182,9 @@ class ChatCompletionCreate(BaseModel):
     @classmethod
     def _bounded(cls, value: Any) -> Any:
         return refuse_early(
-            value, {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS}
+            value,
+            {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS},
+            encodable=True,
         )
 
     @field_validator("metadata")

@@ -136,9 +136,10 @@ class MessageCreate(BaseModel):
         return self.content
 
 
-def refuse_early(value: Any, lists: dict[str, int]) -> Any:
+def refuse_early(value: Any, lists: dict[str, int], *, encodable: bool = False) -> Any:
     """Shape checks on the raw body, before any model is built: list lengths (cheapest), then
-    depth."""
+    depth; with `encodable`, that the body encodes (`_encodable`: the raw body holds every field
+    the model keeps, and encoding it is a fraction of dumping the built model first)."""
     if not isinstance(value, dict):
         return value
     for field, limit in lists.items():
@@ -147,6 +148,8 @@ def refuse_early(value: Any, lists: dict[str, int]) -> Any:
             raise ValueError(problem)
     if limits.json_depth_exceeds(value):
         raise ValueError(limits.depth_problem())
+    if encodable:
+        _encodable(value)
     return value
 
 
@@ -195,6 +198,7 @@ class TurnParams(BaseModel):
                 "tools": limits.MAX_TOOLS,
                 "fallbacks": limits.MAX_FALLBACKS,
             },
+            encodable=True,
         )
 
     _whole_max_tokens = field_validator("max_tokens", mode="before")(integral)
@@ -291,7 +295,6 @@ class TurnCreate(TurnParams):
             raise ValueError("with 'replace_from' the first new message must be a user message")
         if self.detach and not self.stream:
             raise ValueError("'detach' needs 'stream': true (a detached turn is read as a stream)")
-        _encodable(self.model_dump(mode="json"))
         return self
 
     _whole_replace_from = field_validator("replace_from", mode="before")(integral)
@@ -310,11 +313,6 @@ class RegenerateCreate(TurnParams):
             "examples": [{}, {"max_tokens": 200, "temperature": 1.0}],
         },
     )
-
-    @model_validator(mode="after")
-    def _encodable_text(self) -> RegenerateCreate:
-        _encodable(self.model_dump(mode="json"))
-        return self
 
 
 class SummarySettings(BaseModel):

@@ -201,6 +201,13 @@ BAD_INPUTS: list[tuple[str, str, bytes | None, dict[str, Any] | None, int]] = [
         None,
         422,
     ),
+    (
+        "a lone surrogate in a regenerate's system prompt",
+        "/conversations/c/regenerate",
+        b'{"system": "\\ud800"}',
+        None,
+        422,
+    ),
     ("body that is not UTF-8", "/conversations/c/messages", b"\xff\xfe{", None, 400),
     ("bad id character", "/conversations/bad!id/messages", None, user("a"), 422),
     ("id starting with a dot", "/conversations/.hidden/messages", None, user("a"), 422),

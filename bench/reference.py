@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 TENANT = "ref"  # its conversations: conv:{ref:<id>}:log, seeded like the service's
 READ = "return redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)"
@@ -32,10 +32,10 @@ def create_app(redis_url: str, upstream: str, window: int) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # The service's default pool sizes (REDIS_POOL_SIZE, GATEWAY_MAX_CONNECTIONS): the
         # libraries' own (100 each; past 100 Redis connections, an error) fail 500 in flight.
-        pool = BlockingConnectionPool.from_url(redis_url, max_connections=512, timeout=5)
+        # redis-py's plain pool, not the service's blocking one: 500 turns never need 512.
         connector = aiohttp.TCPConnector(limit=1000)
         async with (
-            Redis(connection_pool=pool) as redis,
+            Redis.from_url(redis_url, max_connections=512) as redis,
             aiohttp.ClientSession(connector=connector) as session,
         ):
             state.update(redis=redis, session=session, read=redis.register_script(READ))

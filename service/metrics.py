@@ -132,6 +132,8 @@ def child(metric: M, *values: str) -> M:
 
 def model_label(model: str) -> str:
     """A bounded label for a client-chosen model name."""
+    if model in _models:  # the usual case, without the lock: labels are only ever added
+        return model
     with _lock:
         if model in _models:
             return model
@@ -143,12 +145,18 @@ def model_label(model: str) -> str:
 
 def record_usage(model: str, usage: Usage) -> None:
     """One turn's usage: totals, the uncached / cache-read / cache-write split, the hit rate."""
-    child(TOKENS, "input").inc(usage.prompt)
-    child(TOKENS, "output").inc(usage.output)
     label = model_label(model)
-    child(PROMPT_TOKENS, label, "uncached").inc(usage.uncached)
-    child(PROMPT_TOKENS, label, "cache_read").inc(usage.cache_read)
-    child(PROMPT_TOKENS, label, "cache_write").inc(usage.cache_write)
+    # Each series is created (child) on a model's first turn, so all are exposed from then on;
+    # a zero is not added: a counter's inc takes a lock, and most turns cache or write nothing.
+    for counter, amount in (
+        (child(TOKENS, "input"), usage.prompt),
+        (child(TOKENS, "output"), usage.output),
+        (child(PROMPT_TOKENS, label, "uncached"), usage.uncached),
+        (child(PROMPT_TOKENS, label, "cache_read"), usage.cache_read),
+        (child(PROMPT_TOKENS, label, "cache_write"), usage.cache_write),
+    ):
+        if amount:
+            counter.inc(amount)
     with _lock:
         read, total = _cache_totals.get(label, (0, 0))
         read, total = read + usage.cache_read, total + usage.prompt

@@ -146,7 +146,9 @@ def summary_state(meta: ConversationMeta | None, stored: int | None = None) -> S
         failures=meta.summary_failures,
         retry_at=meta.summary_retry_at,
     )
-    if stored is None:
+    if stored is None or all(
+        record is None or record.covers_through <= stored for record in (state.current, state.next)
+    ):
         return state
     return dataclasses.replace(
         state,

@@ -6,7 +6,8 @@ inputs whatever the machine is doing (issue 10: figures any machine can reproduc
 service (`service.app.create_app`, settings as `make bench` runs it) and the bench's reference
 (`bench/reference.py`), is driven in its own process over ASGI: no HTTP server and no load
 generator in the count, only the app's own turn. 32 turns at a time, each on one of 2,000
-conversations of 20 stored messages, against a real Redis and the bench's upstream (both in other
+conversations of 20 stored messages (`--window`: another size, all forwarded; 200 is make bench's
+200-message row), against a real Redis and the bench's upstream (both in other
 processes); after a warm-up, callgrind counts `--turns` turns. Prints instructions per turn for
 both and their ratio; with `--features`, also the service's turn with the new features on (a Claude
 model: cache breakpoints; summaries on, not due) against off, as `make bench`'s features row.
@@ -35,7 +36,7 @@ from bench import reference
 from bench.procs import LOAD_CORE, SERVICE_CORE, Proc, free_port, pinned, wait_http, wait_port
 from bench.run import CLAUDE_MODEL, CLIENT_KEY, FEATURE_BUDGET, TENANT, service_settings
 from bench.seed import seed, seed_calibration
-from bench.upstreams import MODEL, USER_TEXT, WINDOW_MESSAGES
+from bench.upstreams import MODEL, USER_TEXT, WINDOW_MESSAGES, token_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = 2000  # conversations per app: 32 in flight never share one
@@ -125,22 +126,23 @@ def _callgrind(instrument: bool) -> None:
     )
 
 
-def _app(target: str, redis_url: str, upstream: str) -> Any:
+def _app(target: str, redis_url: str, upstream: str, window: int) -> Any:
     if target == "reference":
-        return reference.create_app(redis_url, f"{upstream}/v1/chat/completions", WINDOW_MESSAGES)
+        return reference.create_app(redis_url, f"{upstream}/v1/chat/completions", window)
     from service.app import create_app
     from service.config import Settings
     from service.logs import configure_logging
 
     configure_logging("info")
-    settings = Settings.model_validate(service_settings(redis_url, f"{upstream}/v1"))
+    budget = token_budget(window)
+    settings = Settings.model_validate(service_settings(redis_url, f"{upstream}/v1", budget))
     return create_app(settings)
 
 
-async def _child(target: str, redis_url: str, upstream: str, turns: int) -> None:
+async def _child(target: str, redis_url: str, upstream: str, turns: int, window: int) -> None:
     from asgi_lifespan import LifespanManager
 
-    async with LifespanManager(_app(target, redis_url, upstream)) as manager:
+    async with LifespanManager(_app(target, redis_url, upstream, window)) as manager:
         failed = await _turns(manager.app, target, 0, WARM_UP)
         gc.collect()
         gc.freeze()  # as `python -m service` does at start-up
@@ -152,11 +154,14 @@ async def _child(target: str, redis_url: str, upstream: str, turns: int) -> None
         raise SystemExit(f"{target}: {failed} turns failed")
 
 
-def _count(target: str, redis_url: str, upstream: str, turns: int, workdir: Path) -> int:
+def _count(
+    target: str, redis_url: str, upstream: str, turns: int, window: int, workdir: Path
+) -> int:
     out = workdir / f"callgrind.{target}.out"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     argv += [sys.executable, "-m", "bench.instructions", "--child", target]
     argv += ["--redis", redis_url, "--upstream", upstream, "--turns", str(turns)]
+    argv += ["--window", str(window)]
     log = workdir / f"{target}.log"
     with log.open("wb") as sink:
         done = subprocess.run(pinned(SERVICE_CORE, argv), cwd=ROOT, stdout=sink, stderr=sink)
@@ -173,14 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
     parser.add_argument("--turns", type=int, default=300, help="turns counted per app")
     parser.add_argument("--features", action="store_true", help="also features on against off")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=WINDOW_MESSAGES,
+        help="stored messages per conversation, all forwarded (200: make bench's wide row)",
+    )
     parser.add_argument("--child", choices=sorted(TARGETS), help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.features and args.window != WINDOW_MESSAGES:
+        parser.error("--features measures 21-message windows (make bench's features row)")
     if args.child:
         import uvloop  # the loop both servers run on under uvicorn
 
-        uvloop.run(_child(args.child, args.redis, args.upstream, args.turns))
+        uvloop.run(_child(args.child, args.redis, args.upstream, args.turns, args.window))
         return 0
     missing = [
         tool for tool in ("valgrind", "callgrind_control", "redis-server") if not shutil.which(tool)
@@ -193,14 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     redis_argv = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
     redis_proc = Proc("redis", pinned(LOAD_CORE, redis_argv), log_dir=workdir)
     upstream_argv = [sys.executable, "-m", "bench.upstreams", str(upstream_port), "0"]
+    upstream_argv.append(str(args.window))  # its usage reports the whole array: no correction
     upstream_proc = Proc("upstream", pinned(LOAD_CORE, upstream_argv), log_dir=workdir, cwd=ROOT)
     try:
         wait_port(redis_proc, redis_port, timeout=10)
         wait_http(upstream_proc, upstream_port, "/health", timeout=20)
         redis = Redis(port=redis_port)
         seed_calibration(redis, TENANT, [MODEL, CLAUDE_MODEL])
-        seed(redis, TENANT, "t", POOL, WINDOW_MESSAGES)
-        seed(redis, reference.TENANT, "t", POOL, WINDOW_MESSAGES)
+        seed(redis, TENANT, "t", POOL, args.window)
+        seed(redis, reference.TENANT, "t", POOL, args.window)
         targets = ["service", "reference"]
         if args.features:
             seed(redis, TENANT, "f", POOL, WINDOW_MESSAGES, meta={"token_budget": FEATURE_BUDGET})
@@ -212,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             f"http://127.0.0.1:{upstream_port}",
         )
         counts = {
-            target: _count(target, redis_url, upstream, args.turns, workdir) / args.turns
+            target: _count(target, redis_url, upstream, args.turns, args.window, workdir)
+            / args.turns
             for target in targets
         }
     finally:
@@ -221,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     service, ref = counts["service"], counts["reference"]
     print(
-        f"instructions per turn ({args.turns} turns, {CONCURRENCY} at a time, 21-message windows):"
+        f"instructions per turn ({args.turns} turns, {CONCURRENCY} at a time, "
+        f"{args.window + 1}-message windows):"
     )
     print(f"  service    {service / 1e6:7.3f} M")
     print(f"  reference  {ref / 1e6:7.3f} M")

@@ -121,13 +121,15 @@ http {{
     return conf
 
 
-def serve_slow(port: int, delay: float) -> None:
+def serve_slow(port: int, delay: float, window: int = WINDOW_MESSAGES) -> None:
     from aiohttp import web
+
+    answer = completion(window)
 
     async def completions(request: web.Request) -> web.Response:
         await request.read()
         await asyncio.sleep(delay)
-        return web.Response(body=COMPLETION, content_type="application/json")
+        return web.Response(body=answer, content_type="application/json")
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -145,4 +147,4 @@ def serve_slow(port: int, delay: float) -> None:
 
 
 if __name__ == "__main__":
-    serve_slow(int(sys.argv[1]), float(sys.argv[2]))
+    serve_slow(int(sys.argv[1]), float(sys.argv[2]), *(int(n) for n in sys.argv[3:4]))

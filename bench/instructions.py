@@ -37,6 +37,7 @@ from bench.procs import LOAD_CORE, SERVICE_CORE, Proc, free_port, pinned, wait_h
 from bench.run import CLAUDE_MODEL, CLIENT_KEY, FEATURE_BUDGET, TENANT, service_settings
 from bench.seed import seed, seed_calibration
 from bench.upstreams import MODEL, USER_TEXT, WINDOW_MESSAGES, token_budget
+from service.__main__ import GC_THRESHOLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = 2000  # conversations per app: 32 in flight never share one
@@ -144,9 +145,11 @@ async def _child(target: str, redis_url: str, upstream: str, turns: int, window:
 
     async with LifespanManager(_app(target, redis_url, upstream, window)) as manager:
         failed = await _turns(manager.app, target, 0, WARM_UP)
-        gc.collect()
-        gc.freeze()  # as `python -m service` does at start-up
-        gc.set_threshold(20_000, 20, 100)
+        if target != "reference":  # as `python -m service` does at start-up (the reference,
+            # under plain uvicorn in make bench, keeps CPython's defaults)
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
         _callgrind(True)
         failed += await _turns(manager.app, target, WARM_UP, turns)
         _callgrind(False)

@@ -182,9 +182,7 @@ class ChatCompletionCreate(BaseModel):
     @classmethod
     def _bounded(cls, value: Any) -> Any:
         return refuse_early(
-            value,
-            {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS},
-            encodable=True,
+            value, {"messages": limits.MAX_REQUEST_MESSAGES, "tools": limits.MAX_TOOLS}
         )
 
     @field_validator("metadata")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from service.openai_compat import (
     ChatCompletionCreate,
+    ChatMessage,
     ChunkTranslator,
     Identity,
     completion,
@@ -220,6 +222,18 @@ def test_metadata_limits_and_conversation_id() -> None:
     assert named.conversation_id("from-header") == "from-header"
     with pytest.raises(ValueError, match="conversation id"):
         named.conversation_id("-bad")
+
+
+def test_a_dropped_field_is_never_encoded_but_a_forwarded_one_is() -> None:
+    """`user` is accepted and dropped: text no upstream accepts (a lone surrogate) does not
+    matter there; in the messages, which the turn forwards, it is refused."""
+    lone = json.loads('"\\ud800"')
+    request = body(user=lone)
+    assert request.turn(None, request.messages, stream=False).new_messages()
+    with pytest.raises(ValidationError, match="valid Unicode"):
+        request.turn(
+            None, [ChatMessage.model_validate({"role": "user", "content": lone})], stream=False
+        )
 
 
 def test_params_map_max_completion_tokens_and_drop_the_meaningless() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from service.config import Settings
@@ -340,6 +341,12 @@ async def test_a_turn_whose_replica_went_away_is_told_lost_and_cannot_be_cancell
         assert (await live.post("/conversations/d/cancel")).status_code == 409
 
 
+def unjournaled() -> float:
+    """Detached turns whose events could not be journaled (Redis gone), in this process."""
+    value = REGISTRY.get_sample_value("convproxy_detached_turns_total", {"outcome": "unjournaled"})
+    return value or 0.0
+
+
 async def test_redis_lost_mid_turn_ends_the_stream_with_503_and_stores_nothing(
     gateway: FakeGateway, tmp_path: Path
 ) -> None:
@@ -355,12 +362,16 @@ async def test_redis_lost_mid_turn_ends_the_stream_with_503_and_stores_nothing(
             ) as response:
                 reader = Reader(response)
                 await reader.events(1)
+                before = unjournaled()
                 server.stop()
                 gateway.stream_gate.set()
                 ended = await reader.rest()
             name, data = events_of(ended.decode())[-1]
             assert name == "error"
             assert orjson.loads(data)["error"]["status"] == 503
+            # The reader's 503 says nothing of the turn, which runs on: Redis comes back only once
+            # the turn has failed to journal (else, on a slow machine, it could finish and store).
+            await eventually(lambda: unjournaled() > before, what="the turn to fail")
             server.start()
             # Once the dead turn's lease expired, the conversation is as before the turn.
             client = Redis.from_url(url)

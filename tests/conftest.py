@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from service.app import create_app
@@ -23,6 +24,11 @@ pytest_plugins = ["tests.processes"]
 CLIENT_KEY = "client-key-acme"
 OTHER_KEY = "client-key-beta"
 GATEWAY_KEY = "gw-canary-secret-0000"
+
+
+def metric(name: str, **labels: str) -> float:
+    """A sample of this process's Prometheus registry; 0 while the series does not exist."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def free_port() -> int:

@@ -11,14 +11,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from service.config import Settings
 from service.embedded_redis import EmbeddedRedis
 from service.store import ConversationRef
 from service.turn_journal import TurnJournal
-from tests.conftest import free_port, make_settings
+from tests.conftest import free_port, make_settings, metric
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
 from tests.test_streaming import content_of, events_of, serving
@@ -343,8 +342,7 @@ async def test_a_turn_whose_replica_went_away_is_told_lost_and_cannot_be_cancell
 
 def unjournaled() -> float:
     """Detached turns whose events could not be journaled (Redis gone), in this process."""
-    value = REGISTRY.get_sample_value("convproxy_detached_turns_total", {"outcome": "unjournaled"})
-    return value or 0.0
+    return metric("convproxy_detached_turns_total", outcome="unjournaled")
 
 
 async def test_redis_lost_mid_turn_ends_the_stream_with_503_and_stores_nothing(

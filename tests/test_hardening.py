@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from service import limits
@@ -18,7 +17,7 @@ from service.middleware import cors_headers
 from service.models import Message, Role
 from service.store import ConversationRef, ConversationStore
 from service.usage import Usage
-from tests.conftest import make_settings, serve
+from tests.conftest import make_settings, metric, serve
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
 
@@ -31,10 +30,6 @@ def user(text: str) -> dict[str, Any]:
 
 def nested(depth: int) -> Any:
     return json.loads("[" * depth + "]" * depth)
-
-
-def counter(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
 
 
 async def stored_keys(redis: Redis) -> list[bytes]:
@@ -95,7 +90,7 @@ async def test_an_unreadable_record_does_not_wedge_its_conversation(
     bad = Message(tokens=3, seq=3, role=Role.USER, content=[deep], created_at=time.time())
     await redis.rpush("conv:{acme:w}:log", bad.model_dump_json(exclude_none=True))
     await redis.rpush("conv:{acme:w}:log", b"not json at all")
-    before = counter("convproxy_unreadable_records_total")
+    before = metric("convproxy_unreadable_records_total")
 
     page = await client.get("/conversations/w/messages")
     assert page.status_code == 200, page.text
@@ -106,7 +101,7 @@ async def test_an_unreadable_record_does_not_wedge_its_conversation(
     # The window stops at the newest unreadable record: what is forwarded stays coherent.
     assert gateway.received[-1]["messages"] == [{"role": "user", "content": "again"}]
     assert turn.json()["conversation"]["message_count"] == 6
-    assert counter("convproxy_unreadable_records_total") >= before + 3
+    assert metric("convproxy_unreadable_records_total") >= before + 3
 
 
 # ---- 9.6 and 9.7: counts, sizes, budgets ---------------------------------------------------
@@ -319,7 +314,7 @@ async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(redis: Re
     )
     ref = ConversationRef("t", "c")
     await redis.set(ref.index_key, "not a sorted set")
-    before = counter("convproxy_index_write_failures_total")
+    before = metric("convproxy_index_write_failures_total")
     assert await store.upsert(ref, set_fields={"system": "s"}, clear_fields=[])
     await store.begin_turn(
         ref,
@@ -343,7 +338,7 @@ async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(redis: Re
         factor=None,
     )
     assert outcome == "ok"
-    assert counter("convproxy_index_write_failures_total") == before + 2
+    assert metric("convproxy_index_write_failures_total") == before + 2
     assert await store.delete(ref) is True
 
 
@@ -378,10 +373,10 @@ async def test_a_failed_stream_is_timed_upstream(
     client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
 ) -> None:
     gateway.stream_fail_after_first = True
-    before = counter("convproxy_upstream_request_duration_seconds_count")
+    before = metric("convproxy_upstream_request_duration_seconds_count")
     response = await client.post("/conversations/s/messages", json={**user("a"), "stream": True})
     assert "event: error" in response.text
-    assert counter("convproxy_upstream_request_duration_seconds_count") == before + 1
+    assert metric("convproxy_upstream_request_duration_seconds_count") == before + 1
     assert await redis.llen("conv:{acme:s}:log") == 0
 
 
@@ -393,11 +388,11 @@ async def test_a_lock_wait_that_times_out_is_observed(
     async with serve(settings, gateway) as client:
         first = asyncio.create_task(client.post("/conversations/l/messages", json=user("a")))
         await eventually(lambda: gateway.calls == 1, what="the first turn upstream")
-        before = counter("convproxy_lock_wait_duration_seconds_count")
+        before = metric("convproxy_lock_wait_duration_seconds_count")
         second = await client.post("/conversations/l/messages", json=user("b"))
         assert second.status_code == 409
-        assert counter("convproxy_lock_wait_duration_seconds_count") == before + 1
-        assert counter("convproxy_lock_wait_duration_seconds_sum") > 0
+        assert metric("convproxy_lock_wait_duration_seconds_count") == before + 1
+        assert metric("convproxy_lock_wait_duration_seconds_sum") > 0
         gateway.hold.set()
         assert (await first).status_code == 200
 

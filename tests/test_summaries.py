@@ -44,7 +44,7 @@ from service.summary_plan import (
     uncovered,
 )
 from service.summary_store import SummaryStore
-from tests.conftest import GATEWAY_KEY, make_settings, serve
+from tests.conftest import GATEWAY_KEY, make_settings, metric, serve
 from tests.fake_gateway import Failure, FakeGateway, serve_in_process, summary_of, summary_parts
 from tests.polling import eventually
 
@@ -70,7 +70,7 @@ def state(
 
 
 def jobs(outcome: str) -> float:
-    return REGISTRY.get_sample_value("convproxy_summary_jobs_total", {"outcome": outcome}) or 0.0
+    return metric("convproxy_summary_jobs_total", outcome=outcome)
 
 
 # ---- the pure plan -------------------------------------------------------------------------
@@ -825,7 +825,7 @@ async def test_unreadable_records_are_left_out_of_a_summary(
     await fill(client, 3)
     await redis.lset(REF.key("log"), 0, "not json")
     await redis.lset(REF.key("log"), 1, "{}")
-    unreadable = REGISTRY.get_sample_value("convproxy_unreadable_records_total") or 0.0
+    unreadable = metric("convproxy_unreadable_records_total")
     async with summarizer(redis, gateway) as service:
         assert await run(service, 2) == "covered"  # nothing readable: no call
         assert not await redis.exists(REF.key("sumlock"))
@@ -833,7 +833,7 @@ async def test_unreadable_records_are_left_out_of_a_summary(
         assert await run(service, 4) == "stored"
     _, folded = summary_parts(gateway.summary_received[0])
     assert [m["seq"] for m in folded] == [3, 4]
-    assert (REGISTRY.get_sample_value("convproxy_unreadable_records_total") or 0) >= unreadable + 4
+    assert metric("convproxy_unreadable_records_total") >= unreadable + 4
 
 
 async def test_turns_do_not_start_jobs_while_backing_off(

@@ -9,7 +9,6 @@ import aiohttp
 import httpx
 import orjson
 import pytest
-from prometheus_client import REGISTRY
 from redis.asyncio import Connection, ConnectionPool, Redis
 
 from service.auth import Caller
@@ -19,7 +18,7 @@ from service.gateway import GatewayClient
 from service.schemas import TurnCreate
 from service.store import ConversationRef, ConversationStore
 from service.trim import COLD_FETCH_FACTOR, FETCH_MARGIN
-from tests.conftest import make_settings, serve
+from tests.conftest import make_settings, metric, serve
 from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
 from tests.polling import eventually
 
@@ -114,7 +113,7 @@ async def test_concurrent_duplicates_make_one_call(
 
 
 def turns_by(outcome: str) -> float:
-    return REGISTRY.get_sample_value("convproxy_turns_total", {"outcome": outcome}) or 0.0
+    return metric("convproxy_turns_total", outcome=outcome)
 
 
 async def test_while_a_keyed_turn_runs_its_duplicates_are_told_apart(

@@ -147,4 +147,5 @@ def serve_slow(port: int, delay: float, window: int = WINDOW_MESSAGES) -> None:
 
 
 if __name__ == "__main__":
-    serve_slow(int(sys.argv[1]), float(sys.argv[2]), *(int(n) for n in sys.argv[3:4]))
+    window = int(sys.argv[3]) if len(sys.argv) > 3 else WINDOW_MESSAGES  # its usage's array
+    serve_slow(int(sys.argv[1]), float(sys.argv[2]), window)

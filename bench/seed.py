@@ -24,7 +24,7 @@ def message_json(seq: int, now: float) -> bytes:
         content=text,
         created_at=now,
     )
-    return record.model_dump_json(exclude_none=True).encode()
+    return record.to_json()
 
 
 def seed(

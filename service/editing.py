@@ -131,7 +131,7 @@ def _carried(meta: ConversationMeta | None, through: int) -> dict[str, str]:
 def _export_message(record: bytes) -> bytes | None:
     """One message line of an export; None for a record that does not read back."""
     try:
-        message = Message.model_validate_json(record)
+        message = Message.from_json(record)
     except ValidationError:
         return None
     line: JSONObject = {"type": "message", "seq": message.seq, **message.to_wire()}
@@ -332,7 +332,7 @@ class EditingService:
         start = header.window_start
         if start is not None and start <= count and messages[start - 1].role is Role.USER:
             fields["window_start"] = str(start)
-        records = [m.model_dump_json(exclude_none=True).encode() for m in messages]
+        records = [m.to_json() for m in messages]
         tokens = [m.tokens for m in messages]
         body = orjson.dumps({"id": ref.id, "message_count": count, "generation": 0})
         created = await self._edits.create(

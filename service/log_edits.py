@@ -441,6 +441,6 @@ def _outcome(kind: str) -> Outcome:
 
 def _record_tokens(record: bytes) -> int:
     try:
-        return Message.model_validate_json(record).tokens
+        return Message.from_json(record).tokens
     except ValueError:
         return 0

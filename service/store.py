@@ -146,7 +146,7 @@ def _readable(items: Sequence[bytes | str], where: ConversationRef) -> list[Mess
     messages = []
     for item in items:
         try:
-            messages.append(Message.model_validate_json(item))
+            messages.append(Message.from_json(item))
         except ValidationError:
             _unreadable(where)
     return messages
@@ -161,7 +161,7 @@ def _window(items: list[bytes], where: ConversationRef) -> list[Message]:
         suffix: list[Message] = []
         for item in reversed(items):
             try:
-                suffix.append(Message.model_validate_json(item))
+                suffix.append(Message.from_json(item))
             except ValidationError:
                 _unreadable(where)
                 break
@@ -515,7 +515,7 @@ class ConversationStore:
                     "cache_read_input_tokens": usage.cache_read,
                     "cache_creation_input_tokens": usage.cache_write,
                 },
-                "messages": [m.model_dump_json(exclude_none=True) for m in messages],
+                "messages": [m.to_json().decode() for m in messages],
                 "tokens": [m.tokens for m in messages],
                 # One per message ('' when the caller computed none: unknown until needed).
                 "hashes": list(hashes) or [""] * len(messages),

@@ -102,7 +102,7 @@ def _messages(items: Sequence[bytes | str]) -> list[Message]:
     messages = []
     for item in items:
         try:
-            messages.append(Message.model_validate_json(item))
+            messages.append(Message.from_json(item))
         except ValidationError:
             metrics.UNREADABLE_RECORDS.inc()
     return messages

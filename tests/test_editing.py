@@ -641,7 +641,7 @@ async def test_edit_and_resend_replaces_from_a_user_message(
     records = await redis.lrange("conv:{acme:ed}:log", 0, -1)
     # Each content hash (service/history.py) is the hash of the message now at its place.
     assert [h.decode() if isinstance(h, bytes) else h for h in hashes] == [
-        message_hash(Message.model_validate_json(r).to_wire()) for r in records
+        message_hash(Message.from_json(r).to_wire()) for r in records
     ]
 
 

@@ -88,7 +88,7 @@ async def test_an_unreadable_record_does_not_wedge_its_conversation(
     assert (await client.post("/conversations/w/messages", json=user("first"))).is_success
     deep = {"type": "text", "text": "x", "extra": nested(250)}
     bad = Message(tokens=3, seq=3, role=Role.USER, content=[deep], created_at=time.time())
-    await redis.rpush("conv:{acme:w}:log", bad.model_dump_json(exclude_none=True))
+    await redis.rpush("conv:{acme:w}:log", bad.to_json())
     await redis.rpush("conv:{acme:w}:log", b"not json at all")
     before = metric("convproxy_unreadable_records_total")
 

@@ -449,7 +449,7 @@ class ChatService:
         messages = [
             *system_wire,
             *summary_wire,
-            *(m.to_wire() for m in window.history),
+            *map(Message.to_wire, window.history),  # no generator frame per message
             *new_wire,
         ]
         # Per-message estimates in the gateway's units only where they are used (breakpoints,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 from pydantic.dataclasses import dataclass
 
 JSONObject = dict[str, Any]
+# A stored message's content. Its three shapes never overlap, so the first that validates is the
+# one "smart" union mode would pick, found without its ranking of every member (issue 10).
+Content = Annotated[str | list[JSONObject] | None, Field(union_mode="left_to_right")]
 
 
 class Role(StrEnum):
@@ -32,7 +35,7 @@ class Message:
     tokens: int
     seq: int
     role: Role
-    content: str | list[JSONObject] | None = None
+    content: Content = None
     tool_calls: list[JSONObject] | None = None
     tool_call_id: str | None = None
     name: str | None = None

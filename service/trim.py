@@ -89,6 +89,22 @@ def _cost(messages: Sequence[Message]) -> int:
     return sum(m.tokens for m in messages)
 
 
+def turn_spans(history: Sequence[Message]) -> tuple[list[int], list[int]]:
+    """(sizes, costs): the message count and summed estimates of the leading messages before any
+    user message (the first entry, possibly empty), then of each turn (from a user message to the
+    next). Counts, not lists of messages: one pass over a long window, and the forwarded part is
+    then one slice of it (issue 10: per-message work is what a 200-message window multiplies)."""
+    sizes, costs = [0], [0]
+    for message in history:
+        if message.role is Role.USER:
+            sizes.append(1)
+            costs.append(message.tokens)
+        else:
+            sizes[-1] += 1
+            costs[-1] += message.tokens
+    return sizes, costs
+
+
 def choose_window(
     *,
     history: Sequence[Message],
@@ -114,28 +130,27 @@ def choose_window(
     if history and history[0].seq < start:  # seqs ascend: only a fetch from before the start
         history = [m for m in history if m.seq >= start]
     reached = not history or history[0].seq <= start  # the fetch read back to the start
-    lead, turns = split_turns(history)
+    sizes, costs = turn_spans(history)
+    lead_size, lead_cost = sizes.pop(0), costs.pop(0)
     prefix = ARRAY_OVERHEAD + system_tokens + summary_tokens
-    pinned: list[Message] = []
+    pinned_size, pinned_cost = 0, 0  # the newest turn, which the new messages continue
     if continues_turn:
-        if turns:
-            pinned = turns.pop()
+        if sizes:
+            pinned_size, pinned_cost = sizes.pop(), costs.pop()
         elif not reached:
             # The open turn began before the fetched suffix, which already spans the budget.
-            needed = prefix + new_tokens + _cost(history)
+            needed = prefix + new_tokens + lead_cost
             raise BudgetExceeded(corrected(needed, factor), budget)
         else:
-            pinned, lead = lead, []  # the whole history is one open turn without a user message
-    pinned_cost = _cost(pinned)
+            # the whole history is one open turn without a user message
+            pinned_size, pinned_cost = lead_size, lead_cost
     fixed = prefix + new_tokens + pinned_cost
     if corrected(fixed, factor) > budget:
         raise BudgetExceeded(corrected(fixed, factor), budget)
-    # Each turn's cost once: a long window is summed here, not again per choice (issue 10).
-    costs = [_cost(turn) for turn in turns]
     # Leading messages before any user message would be orphans at the front: never forwarded.
     everything = fixed + sum(costs)
     if reached and corrected(everything, factor) <= budget:
-        forwarded = [m for turn in turns for m in turn] + pinned  # the start is kept
+        kept = len(sizes)  # the start is kept
         used = everything
     else:
         # Jump: the newest whole turns within the low-water share (without the new messages),
@@ -153,7 +168,9 @@ def choose_window(
             kept_cost += cost
             used += cost
             kept += 1
-        forwarded = [m for turn in turns[len(turns) - kept :] for m in turn] + pinned
+    # The kept turns and the pinned one are the newest messages: one slice of the history.
+    count = pinned_size + sum(sizes[len(sizes) - kept :])
+    forwarded = list(history[len(history) - count :]) if count else []
     new_start = forwarded[0].seq if forwarded else stored_count + 1
     return Window(
         history=forwarded,

@@ -21,6 +21,12 @@ class Role(StrEnum):
     TOOL = "tool"
 
 
+# The user role as a plain global for loops over a window: under CPython 3.11 `Role.USER` is a
+# lookup on a class whose metaclass defines `__getattr__`, about 13 times a global's cost, and a
+# 200-message window made it 200 times a turn (issue 10).
+USER = Role.USER
+
+
 @dataclass(frozen=True, kw_only=True)
 class Message:
     """One stored message; `tokens` is its local estimate, also kept in the conversation's

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from service.models import ConversationMeta, JSONObject, Message, Role
+from service.models import USER, ConversationMeta, JSONObject, Message
 from service.tokens import corrected, message_tokens
 
 # The summariser's instructions: the first message of every summary request (the stand-in gateway
@@ -222,7 +222,7 @@ def _turns(messages: Sequence[Message]) -> list[list[Message]]:
     """Consecutive groups, each starting at a user message (a leading group may not)."""
     groups: list[list[Message]] = []
     for message in messages:
-        if message.role is Role.USER or not groups:
+        if message.role is USER or not groups:
             groups.append([message])
         else:
             groups[-1].append(message)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.models import Message, Role
+from service.models import USER, Message, Role
 from service.tokens import ARRAY_OVERHEAD, MIN_FACTOR, corrected
 
 # Over-fetch the window, so a correction that dropped since our last look still fills it.
@@ -76,7 +76,7 @@ def split_turns(history: Sequence[Message]) -> tuple[list[Message], list[list[Me
     lead: list[Message] = []
     turns: list[list[Message]] = []
     for message in history:
-        if message.role is Role.USER:
+        if message.role is USER:
             turns.append([message])
         elif turns:
             turns[-1].append(message)
@@ -96,7 +96,7 @@ def turn_spans(history: Sequence[Message]) -> tuple[list[int], list[int]]:
     then one slice of it (issue 10: per-message work is what a 200-message window multiplies)."""
     sizes, costs = [0], [0]
     for message in history:
-        if message.role is Role.USER:
+        if message.role is USER:
             sizes.append(1)
             costs.append(message.tokens)
         else:

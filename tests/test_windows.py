@@ -11,7 +11,12 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from service.cache_breakpoints import EPHEMERAL, needs_breakpoints, place_breakpoints
+from service.cache_breakpoints import (
+    EPHEMERAL,
+    client_marks,
+    needs_breakpoints,
+    place_breakpoints,
+)
 from service.catalog import ModelLimits, catalog_budget, parse_catalog
 from service.models import Message, Role
 from service.trim import choose_window, jump_start
@@ -126,6 +131,18 @@ def test_breakpoints_close_the_stable_prefix_and_the_system_block() -> None:
     assert [i for i, m in enumerate(out) if "cache_control" in m] == [0, 4]
     # Nothing reaches the minimum: no breakpoint at all.
     assert place_breakpoints(messages, tokens=tokens, pinned=1, stable=5, min_tokens=5000)[1] == []
+
+
+def test_client_marks_are_counted_only_where_a_marker_is_a_key_with_an_object() -> None:
+    own = {"type": "ephemeral"}
+    assert client_marks([{"role": "user", "content": 'say "cache_control": {"type": 1}'}]) == 0
+    assert client_marks([{"role": "user", "content": "x", "cache_control": None}]) == 0
+    assert client_marks([{"role": "user", "content": "cache_control"}]) == 0  # found, then walked
+    parts = [{"type": "text", "text": "a", "cache_control": own}, {"type": "text", "text": "b"}]
+    assert client_marks([{"role": "user", "content": parts, "cache_control": own}]) == 2
+    # Past what orjson writes (an integer over 64 bits): the walk alone.
+    assert client_marks([{"role": "user", "content": "x", "n": 2**70, "cache_control": own}]) == 1
+    assert client_marks(None) == 0
 
 
 def test_never_more_than_four_breakpoints_counting_the_clients_own() -> None:

@@ -54,7 +54,13 @@ from service.store import (
 from service.streaming import DONE, StreamAssembler, completion_as_sse, sse_event
 from service.summaries import SummaryService, summary_window
 from service.summary_plan import SummaryUse, promotion, turn_context
-from service.tokens import ARRAY_OVERHEAD, corrected, message_tokens, next_factor, tools_tokens
+from service.tokens import (
+    ARRAY_OVERHEAD,
+    corrected_each,
+    message_tokens,
+    next_factor,
+    tools_tokens,
+)
 from service.trim import BudgetExceeded, Window, choose_window, continues_turn, fetch_scale
 
 log = logging.getLogger("service.chat")
@@ -460,12 +466,12 @@ class ChatService:
         if with_estimates or cache_marked:
             # The history's estimates are stored beside it (trimming used them).
             raw_estimates = [
-                *(message_tokens(m) for m in system_wire),
+                *map(message_tokens, system_wire),
                 *([summary.tokens] if summary_wire and summary else []),
-                *(m.tokens for m in window.history),
-                *(message_tokens(m) for m in new_wire),
+                *[m.tokens for m in window.history],
+                *map(message_tokens, new_wire),
             ]
-            estimates = [corrected(tokens, factor) for tokens in raw_estimates]
+            estimates = corrected_each(raw_estimates, factor)
         if cache_marked:
             pinned = len(system_wire) + len(summary_wire)
             messages, breakpoints = place_breakpoints(

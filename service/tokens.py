@@ -9,6 +9,7 @@ token per character) raises only that tenant's correction, never another's windo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -70,6 +71,12 @@ def tools_tokens(tools: object) -> int:
 def corrected(estimate: int, factor: float) -> int:
     """An estimate in the gateway's units."""
     return int(estimate * factor + 0.999)
+
+
+def corrected_each(estimates: Iterable[int], factor: float) -> list[int]:
+    """corrected() of each estimate, without a call per message (a Claude model's turn corrects
+    its whole window for breakpoint placement; issue 10)."""
+    return [int(estimate * factor + 0.999) for estimate in estimates]
 
 
 def next_factor(current: float, estimate: int, reported: int) -> float:

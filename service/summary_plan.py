@@ -259,7 +259,8 @@ def prefetch_through(
 ) -> int:
     """How far the next summary should reach, decided after a turn: the next move's cut once the
     forwarded array passes PREFETCH_SHARE of the budget, else 0 (not yet)."""
-    used = corrected(fixed_tokens + sum(m.tokens for m in history), factor)
+    # A list, not a generator: asked after every turn with summaries on, over its whole window.
+    used = corrected(fixed_tokens + sum([m.tokens for m in history]), factor)
     if used < PREFETCH_SHARE * budget:
         return 0
     return ahead_cut(history, budget=budget, factor=factor, low_water=low_water)

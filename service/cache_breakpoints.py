@@ -46,8 +46,7 @@ _MARKER_KEY = b'"cache_control"'
 
 
 def _marks(value: Any) -> int:
-    """cache_control markers a client put anywhere in a message or tool definition. Plain loops
-    that step into containers only: every turn of a Claude model walks its whole window."""
+    """client_marks' count, by walking: plain loops that step into containers only."""
     count = 0
     if isinstance(value, dict):
         if isinstance(value.get("cache_control"), dict):

@@ -71,24 +71,6 @@ def continues_turn(new_messages: Sequence[Mapping[str, Any]]) -> bool:
     return bool(new_messages) and new_messages[0].get("role") != Role.USER.value
 
 
-def split_turns(history: Sequence[Message]) -> tuple[list[Message], list[list[Message]]]:
-    """Split into (leading messages before any user message, turns each starting at a user)."""
-    lead: list[Message] = []
-    turns: list[list[Message]] = []
-    for message in history:
-        if message.role is USER:
-            turns.append([message])
-        elif turns:
-            turns[-1].append(message)
-        else:
-            lead.append(message)
-    return lead, turns
-
-
-def _cost(messages: Sequence[Message]) -> int:
-    return sum(m.tokens for m in messages)
-
-
 def turn_spans(history: Sequence[Message]) -> tuple[list[int], list[int]]:
     """(sizes, costs): the message count and summed estimates of the leading messages before any
     user message (the first entry, possibly empty), then of each turn (from a user message to the
@@ -196,12 +178,14 @@ def jump_start(
     system prompt, summary, tools) and the history use at most `low_water` of the budget. The cut
     a rolling summary can prepare ahead of the jump; the next message sent may move it further
     only if it is larger than what the low-water share leaves free."""
-    _, turns = split_turns(history)
+    sizes, costs = turn_spans(history)
     used = ARRAY_OVERHEAD + prefix_tokens
     cut = history[-1].seq + 1 if history else 1
-    for turn in reversed(turns):
-        used += _cost(turn)
+    first = len(history)  # where the turn looked at begins
+    for size, cost in zip(reversed(sizes[1:]), reversed(costs[1:]), strict=True):
+        first -= size
+        used += cost
         if corrected(used, factor) > low_water * budget:
             break
-        cut = turn[0].seq
+        cut = history[first].seq
     return cut

@@ -26,8 +26,21 @@ from service.trim import (
     continues_turn,
     fetch_scale,
     jump_start,
-    split_turns,
 )
+
+
+def split_turns(history: list[Message]) -> tuple[list[Message], list[list[Message]]]:
+    """The tests' own oracle: (messages before any user message, turns each from a user one)."""
+    lead: list[Message] = []
+    turns: list[list[Message]] = []
+    for message in history:
+        if message.role is Role.USER:
+            turns.append([message])
+        elif turns:
+            turns[-1].append(message)
+        else:
+            lead.append(message)
+    return lead, turns
 
 
 def msg(

@@ -30,7 +30,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 # Young collections after 100,000 net new container objects (CPython's default: 700). A turn
-# holds a few thousand (each stored message of its window is a model with a dict and a set), and
+# holds a few thousand (each stored message of its window is a dataclass with its dict), and
 # objects freed by their reference count leave the count, so this is live growth, not garbage.
 # Callgrind (bench/instructions.py): 20,000 -> 100,000 took 0.8% off a 21-message turn and 4% off
 # a 200-message one, where the collector had traversed every in-flight window again and again.

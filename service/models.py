@@ -36,7 +36,7 @@ class Message:
     without a model's per-instance fields-set and private slots, and read through plain attribute
     lookups (a model class defines `__getattr__`, which sends every read of every field through
     CPython's slower hook). A turn reads its whole window: with 200 messages the model cost a
-    quarter more instructions per turn than this (issue 10, callgrind)."""
+    tenth more instructions per turn than this (7.54M against 6.77M; issue 10, callgrind)."""
 
     tokens: int
     seq: int

@@ -13,6 +13,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection, Connection
+from redis.exceptions import DataError
 
 from service.redis_client import open_redis
 from service.store import ConversationRef
@@ -334,6 +336,49 @@ async def test_sentinel_url_hosts(url: str, expected: list[tuple[str, int]]) -> 
             for s in sentinel.sentinels
         ]
         assert found == expected
+    finally:
+        await client.aclose()
+
+
+# What the service sends: a script by its sha with keys and encoded JSON, a multi-word command
+# (redis-py splits it), text beyond ASCII, integers and a float.
+COMMANDS = [
+    ("EVALSHA", "ab" * 20, 2, "conv:{t:c}:log", "conv:{t:c}:meta", b'{"role":"user"}', 3600),
+    ("SCRIPT LOAD", "return 1"),
+    ("SET", "k", "d\u00e9j\u00e0 \U0001f600", 0.1, 1e20, -7, b"", memoryview(b"mv")),
+]
+
+
+def _python_packed(commands: list[tuple[Any, ...]]) -> bytes:
+    """redis-py's own asyncio packing, in Python."""
+    plain = Connection()
+    return b"".join(bytes(chunk) for chunk in plain.pack_commands(commands))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0",
+        "rediss://127.0.0.1:1/0",
+        "unix:///tmp/none.sock",
+        "redis+sentinel://127.0.0.1:1/m",
+    ],
+)
+async def test_commands_are_packed_by_hiredis_into_the_same_bytes(url: str) -> None:
+    """Single-node and Sentinel pools pack with hiredis (redis_client._HiredisPacking) whatever
+    connection class the URL chose, byte for byte as redis-py's Python packer, with its error
+    for a value Redis cannot take."""
+    client, _ = open_redis(url, pool_size=1, pool_timeout_seconds=1.0)
+    try:
+        pool = client.connection_pool  # type: ignore[union-attr] # not a Cluster here
+        connection: AbstractConnection = pool.make_connection()
+        assert type(connection).__name__.startswith("Hiredis")
+        for command in COMMANDS:
+            assert b"".join(connection.pack_command(*command)) == _python_packed([command])
+        assert b"".join(connection.pack_commands(COMMANDS)) == _python_packed(COMMANDS)
+        for bad in (None, True, 1j):
+            with pytest.raises(DataError):
+                connection.pack_command("SET", "k", bad)  # type: ignore[arg-type]
     finally:
         await client.aclose()
 

@@ -35,7 +35,7 @@ from service.idempotency import Idempotency, IdempotentRecord, key_hash, reused
 from service.ids import random_id
 from service.lease import wait_for_lease
 from service.log_edits import PAGE_SIZE, Created, LogEditStore, Outcome, Slice
-from service.models import ConversationMeta, JSONObject, Message, Role
+from service.models import META, ConversationMeta, JSONObject, Message, Role
 from service.schemas import (
     ConversationUpdate,
     ExportHeader,
@@ -101,7 +101,7 @@ def _carried(meta: ConversationMeta | None, through: int) -> dict[str, str]:
     summaries covering no more than it, and the window start when it falls inside it."""
     if meta is None:
         return {}
-    dumped = meta.model_dump(exclude_none=True)
+    dumped = META.dump_python(meta, exclude_none=True)
     fields: dict[str, str] = {}
     for name in SETTINGS_FIELDS:
         if name in dumped:

@@ -76,8 +76,11 @@ class Message:
 MESSAGE: TypeAdapter[Message] = TypeAdapter(Message)
 
 
-class ConversationMeta(BaseModel):
-    """The metadata hash of one conversation, parsed."""
+@dataclass(frozen=True, kw_only=True)
+class ConversationMeta:
+    """The metadata hash of one conversation, parsed (`META.validate_python`). A pydantic
+    dataclass like Message, for the same reason: a turn reads a dozen of its fields, each of
+    them through CPython's slow attribute hook on a model."""
 
     created_at: float
     updated_at: float
@@ -112,6 +115,9 @@ class ConversationMeta(BaseModel):
     summary_output_tokens: int = 0
     summary_failures: int = 0
     summary_retry_at: float = 0.0
+
+
+META: TypeAdapter[ConversationMeta] = TypeAdapter(ConversationMeta)
 
 
 class ConversationSummary(BaseModel):

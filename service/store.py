@@ -58,7 +58,7 @@ from redis.exceptions import (
 from service import metrics, redis_scripts
 from service.errors import StoreUnavailable
 from service.idempotency import Idempotency, IdempotentRecord
-from service.models import ConversationMeta, ConversationSummary, Message
+from service.models import META, ConversationMeta, ConversationSummary, Message
 from service.redis_batch import CommandBatcher
 from service.tokens import PRIOR_FACTOR
 from service.usage import Usage
@@ -207,7 +207,7 @@ def _meta(pairs: Sequence[bytes | str] | dict[Any, Any]) -> ConversationMeta | N
         fields["metadata"] = orjson.loads(fields["metadata"])
     fields.setdefault("created_at", fields.get("updated_at", "0"))
     fields.setdefault("updated_at", fields["created_at"])
-    return ConversationMeta.model_validate(fields)
+    return META.validate_python(fields)
 
 
 class _ClusterPipeline:

@@ -4,6 +4,7 @@ turn flow through the API (issue 11 section 3, issue 15 section 2)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -189,14 +190,14 @@ def test_settings_of_a_conversation_override_the_defaults() -> None:
     meta = ConversationMeta(created_at=1, updated_at=1)
     assert summaries_enabled(None, default=True)
     assert not summaries_enabled(meta, default=False)
-    chosen = meta.model_copy(update={"summary_enabled": False, "summary_model": "tiny"})
+    chosen = dataclasses.replace(meta, summary_enabled=False, summary_model="tiny")
     assert not summaries_enabled(chosen, default=True)
     assert summary_model(chosen, default="cheap", turn_model="big") == "tiny"
     assert summary_model(meta, default="cheap", turn_model="big") == "cheap"
     assert summary_model(None, default=None, turn_model="big") == "big"
     assert summary_state(None).covers_through == 0
     # A summary without text covers nothing.
-    assert summary_state(meta.model_copy(update={"summary_through": 5})).covers_through == 0
+    assert summary_state(dataclasses.replace(meta, summary_through=5)).covers_through == 0
 
 
 def test_summaries_past_a_cut_back_log_are_ignored_and_edits_know_what_to_forget() -> None:

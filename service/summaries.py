@@ -93,15 +93,17 @@ class SummaryService:
 
     def for_turn(
         self, meta: ConversationMeta | None, turn_model: str, *, stored: int | None = None
-    ) -> SummaryUse:
+    ) -> SummaryUse | None:
         """The current summary, with summaries on: the forwarded history starts after it.
-        `stored`: the log's length (summaries covering more are ignored)."""
-        enabled = summaries_enabled(meta, default=self._policy.enabled)
+        `stored`: the log's length (summaries covering more are ignored). None with summaries
+        off: such a turn forwards, reports and stores as if there were no summary machinery."""
+        if not summaries_enabled(meta, default=self._policy.enabled):
+            return None
         state = summary_state(meta, stored)
-        record = state.current if enabled else None
+        record = state.current
         message = summary_message(record)
         return SummaryUse(
-            enabled=enabled,
+            enabled=True,
             state=state,
             record=record,
             message=message,

@@ -241,6 +241,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
             life.draining = True
             log.info("stopping")
 
+    turn = routes.turn_route()
     app = FastAPI(
         title="conversation-proxy",
         version="0.1.0",
@@ -251,6 +252,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
         # hook, with no provider configured, only asked the global providers on every request
         # whether one was: 9 us of CPU each (issue 10).
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        routes=[turn],  # the first route the app's router tries: service/routes.py
     )
     app.include_router(routes.router)
     app.include_router(detached_routes.router)
@@ -259,6 +261,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
     app.include_router(routes.ops)
     app.include_router(openai_routes.router)
     own_routes = [
+        turn,
         *routes.router.routes,
         *detached_routes.router.routes,
         *editing_routes.router.routes,

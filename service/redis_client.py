@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
@@ -37,7 +38,13 @@ class _HiredisPacking(AbstractConnection):
     bytes on the wire, the same DataError for a value Redis cannot take."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        packed: list[bytes] = _PACKER.pack(*args)
+        first = args[0]
+        if type(first) is str and " " not in first:  # a one-word command: every one we send
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:  # a bytearray, or a value Redis cannot take: redis-py's path says
+                pass
+        packed: list[bytes] = _PACKER.pack(*args)  # splits "SCRIPT LOAD", raises DataError
         return packed
 
     def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:

@@ -346,6 +346,7 @@ COMMANDS = [
     ("EVALSHA", "ab" * 20, 2, "conv:{t:c}:log", "conv:{t:c}:meta", b'{"role":"user"}', 3600),
     ("SCRIPT LOAD", "return 1"),
     ("SET", "k", "d\u00e9j\u00e0 \U0001f600", 0.1, 1e20, -7, b"", memoryview(b"mv")),
+    ("SET", "k", bytearray(b"ba")),
 ]
 
 

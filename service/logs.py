@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import logging.config
 import time
@@ -22,11 +23,15 @@ logging.logMultiprocessing = False
 _request_fields: ContextVar[dict[str, Any] | None] = ContextVar("request_fields", default=None)
 
 # LogRecord attributes that are not "extra" fields given by the caller.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+_PLAIN_RECORD = logging.LogRecord("", 0, "", 0, "", (), None).__dict__
+_STANDARD = set(_PLAIN_RECORD) | {
     "message",
     "asctime",
     "color_message",  # uvicorn's ANSI-coloured copy of msg
 }
+# A record's own attributes come first (its __init__ sets them, always the same ones), the
+# caller's extras after them (makeRecord): only the tail need be looked at, not all two dozen.
+_OWN_ATTRIBUTES = len(_PLAIN_RECORD)
 
 
 def annotate(**fields: Any) -> None:
@@ -51,7 +56,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        extras = itertools.islice(record.__dict__.items(), _OWN_ATTRIBUTES, None)
+        entry.update([(k, v) for k, v in extras if k not in _STANDARD])
         if record.exc_info and record.exc_info[0] is not None:
             # The type and the frames, not the message: messages can quote request content.
             entry["error"] = record.exc_info[0].__name__

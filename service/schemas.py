@@ -97,6 +97,10 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
+# The fields of a message that is only a role and its text (anything else set goes the long way).
+_TEXT_ONLY = frozenset({"role", "content"})
+
+
 class MessageCreate(BaseModel):
     """A new message from the client. Only user, assistant and tool roles may be sent."""
 
@@ -128,6 +132,10 @@ class MessageCreate(BaseModel):
         return self
 
     def to_wire(self) -> JSONObject:
+        content = self.content
+        if type(content) is str and self.model_fields_set <= _TEXT_ONLY:
+            # The usual message, role and text: the dump below without its cost (issue 10).
+            return {"role": self.role, "content": content}
         return self.model_dump(mode="json", exclude_none=True) | {"content": self._content()}
 
     def _content(self) -> Any:
@@ -151,6 +159,12 @@ def refuse_early(value: Any, lists: dict[str, int], *, encodable: bool = False) 
     if encodable:
         _encodable(value)
     return value
+
+
+# Fields of a turn's body that are not gateway parameters (the messages go on their own).
+_NOT_FORWARDED = frozenset(
+    {"message", "messages", "model", "system", "stream", "detach", "replace_from"}
+)
 
 
 class TurnParams(BaseModel):
@@ -220,10 +234,12 @@ class TurnParams(BaseModel):
 
     def gateway_params(self) -> JSONObject:
         """Everything forwarded besides model and messages."""
+        if self.model_fields_set <= _NOT_FORWARDED and not self.model_extra:
+            return {}  # the usual turn sends no parameters: no dump (issue 10)
         params = self.model_dump(
             mode="json",
             exclude_none=True,
-            exclude={"message", "messages", "model", "system", "stream", "detach", "replace_from"},
+            exclude=set(_NOT_FORWARDED),
         )
         params.update(self.model_extra or {})
         for reserved in ("messages", "model", "stream"):

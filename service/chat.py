@@ -39,7 +39,7 @@ from service.history import message_hash
 from service.idempotency import Idempotency, IdempotentRecord, lease_value, reused
 from service.lease import Renewal, wait_for_lease
 from service.logs import annotate
-from service.models import ConversationMeta, JSONObject, Message, Role
+from service.models import ConversationMeta, JSONObject, Message
 from service.relay import relay_upstream
 from service.schemas import RegenerateCreate, TurnCreate, TurnParams
 from service.store import (
@@ -547,17 +547,7 @@ class ChatService:
         first_seq = turn.started.length + 1 + len(turn.carried)
         wires = [*turn.new_messages, reply.message]
         records = [
-            Message(
-                tokens=message_tokens(wire),
-                seq=first_seq + i,
-                role=Role(wire["role"]),
-                content=wire.get("content"),
-                tool_calls=wire.get("tool_calls"),
-                tool_call_id=wire.get("tool_call_id"),
-                cache_control=wire.get("cache_control"),
-                name=wire.get("name"),
-                created_at=now,
-            )
+            Message.stored(wire, tokens=message_tokens(wire), seq=first_seq + i, created_at=now)
             for i, wire in enumerate(wires)
         ]
         conversation = _conversation(turn)

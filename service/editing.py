@@ -401,17 +401,8 @@ def parse_import(raw: bytes, *, max_messages: int) -> tuple[ExportHeader, list[M
         if item.seq != seq:
             raise InvalidRequest(f"line {number}: seq: expected {seq} (messages in order)")
         wire = item.to_wire()
+        created_at = item.created_at.timestamp() if item.created_at else now
         messages.append(
-            Message(
-                tokens=message_tokens(wire),
-                seq=seq,
-                role=Role(item.role),
-                content=wire.get("content"),
-                tool_calls=wire.get("tool_calls"),
-                tool_call_id=wire.get("tool_call_id"),
-                name=wire.get("name"),
-                cache_control=wire.get("cache_control"),
-                created_at=item.created_at.timestamp() if item.created_at else now,
-            )
+            Message.stored(wire, tokens=message_tokens(wire), seq=seq, created_at=created_at)
         )
     return header, messages

@@ -159,7 +159,13 @@ def record_usage(model: str, usage: Usage) -> None:
             counter.inc(amount)
     with _lock:
         read, total = _cache_totals.get(label, (0, 0))
-        read, total = read + usage.cache_read, total + usage.prompt
-        _cache_totals[label] = (read, total)
-    if total:
-        child(CACHE_HIT_RATIO, label).set(read / total)
+        _cache_totals[label] = (read + usage.cache_read, total + usage.prompt)
+    if not total and usage.prompt:  # the model's first prompt: its ratio exists from now on
+        child(CACHE_HIT_RATIO, label).set_function(lambda: _cache_hit_ratio(label))
+
+
+def _cache_hit_ratio(label: str) -> float:
+    """Computed when scraped, not set on every turn."""
+    with _lock:
+        read, total = _cache_totals[label]
+    return read / total

@@ -156,6 +156,12 @@ async def test_over_the_concurrency_cap_gets_503(
         await probe_writer.drain()
         assert (await read_all(probe_reader)).startswith(b"HTTP/1.1 200")
         probe_writer.close()
+        scrape_reader, scrape_writer = await asyncio.open_connection("127.0.0.1", port)
+        scrape_writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        await scrape_writer.drain()
+        scraped = await read_all(scrape_reader)
+        scrape_writer.close()
+        assert b"\nconvproxy_requests_in_flight 2.0\n" in scraped  # the held turn, this scrape
         gateway.hold.set()
         first, _ = status_and_body(await asyncio.wait_for(first_reader.read(12), READ_TIMEOUT))
         first_writer.close()

@@ -227,3 +227,20 @@ async def test_openai_route_access_line_names_the_conversation(
     (line,) = [e for e in access_lines(entries) if e["route"] == "/v1/chat/completions"]
     assert (line["status"], line["conversation_id"]) == (200, "via-v1")
     assert line["tenant"] == tenant_hash("acme")
+
+
+def test_timestamps_across_seconds() -> None:
+    """The formatter keeps the last second's text: each line still has its own second."""
+    formatter = JsonFormatter()
+    stamps = []
+    for created in (59.999, 60.0, 60.5, 59.25, 86400 * 365.25 * 30 + 0.001):
+        record = logging.LogRecord("t", logging.INFO, "", 0, "m", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        stamps.append(orjson.loads(formatter.format(record))["ts"])
+    assert stamps == [
+        "1970-01-01T00:00:59.999Z",
+        "1970-01-01T00:01:00.000Z",
+        "1970-01-01T00:01:00.500Z",
+        "1970-01-01T00:00:59.250Z",
+        "2000-01-01T12:00:00.001Z",
+    ]

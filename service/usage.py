@@ -41,10 +41,13 @@ def read_usage(usage: Any) -> Usage:
     if not isinstance(usage, dict):
         return NO_USAGE
     details = usage.get("prompt_tokens_details")
-    read = max(_count(usage, "cache_read_input_tokens"), _count(details, "cached_tokens"))
-    write = max(_count(usage, "cache_creation_input_tokens"), _count(details, "cache_write_tokens"))
-    anthropic = _count(usage, "input_tokens") + _count(usage, "cache_read_input_tokens")
-    anthropic += _count(usage, "cache_creation_input_tokens")
+    cache_read, cache_creation = (
+        _count(usage, "cache_read_input_tokens"),
+        _count(usage, "cache_creation_input_tokens"),
+    )
+    read = max(cache_read, _count(details, "cached_tokens"))
+    write = max(cache_creation, _count(details, "cache_write_tokens"))
+    anthropic = _count(usage, "input_tokens") + cache_read + cache_creation
     prompt = max(_count(usage, "prompt_tokens"), anthropic)
     read = min(read, prompt)
     write = min(write, prompt - read)

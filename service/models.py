@@ -67,18 +67,14 @@ class Message:
         """The stored record (absent fields left out): the bytes the adapter's dump writes
         (tests/test_models.py), by orjson at a third of its cost; the adapter itself for what
         orjson refuses (an integer beyond 64 bits)."""
-        record: JSONObject = {"tokens": self.tokens, "seq": self.seq, "role": self.role._value_}
-        if self.content is not None:
-            record["content"] = self.content
-        if self.tool_calls is not None:
-            record["tool_calls"] = self.tool_calls
-        if self.tool_call_id is not None:
-            record["tool_call_id"] = self.tool_call_id
-        if self.name is not None:
-            record["name"] = self.name
-        if self.cache_control is not None:
-            record["cache_control"] = self.cache_control
-        record["created_at"] = self.created_at
+        record: JSONObject = {
+            "tokens": self.tokens,
+            "seq": self.seq,
+            **self.to_wire(),  # role, content and the optional fields set, in field order
+            "created_at": self.created_at,
+        }
+        if self.content is None:  # the wire keeps a null content; the record leaves it out
+            del record["content"]
         try:
             return orjson.dumps(record)
         except orjson.JSONEncodeError:

@@ -56,8 +56,8 @@ _PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 def _pack_with_hiredis(pool: ConnectionPool) -> None:
     """The pool's connection class (TCP, TLS, Unix socket or Sentinel-managed: whichever the URL
-    chose) packing with hiredis. Not for a Cluster: its nodes take their class from its own
-    arguments, and its turns do not go through the batcher whose pipelines this is for."""
+    chose) packing with hiredis. Not for a Cluster: RedisCluster sets its nodes' connection class
+    itself, from its own arguments, and is left as redis-py builds it."""
     base = pool.connection_class
     if base not in _PACKING:
         _PACKING[base] = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})

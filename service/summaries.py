@@ -103,7 +103,6 @@ class SummaryService:
         record = state.current
         message = summary_message(record)
         return SummaryUse(
-            enabled=True,
             state=state,
             record=record,
             message=message,
@@ -129,8 +128,6 @@ class SummaryService:
         window's next jump will leave out, so that the summary is ready when the window moves.
         `history` is what the next turn would forward (this window, the new messages, the reply);
         `fixed_tokens` the rest of the array. A job that is late leaves the previous summary."""
-        if not use.enabled:
-            return None
         lagging = uncovered(first_seq, use.state) > 0
         if lagging:
             metrics.SUMMARY_LAGGED_TURNS.inc()

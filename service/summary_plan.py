@@ -84,9 +84,9 @@ class SummaryState:
 
 @dataclass(frozen=True, slots=True)
 class SummaryUse:
-    """What a turn forwards of its conversation's summary, and how the summary is made."""
+    """What a turn forwards of its conversation's summary, and how the summary is made. Only
+    with summaries on: a turn with them off has none (SummaryService.for_turn)."""
 
-    enabled: bool
     state: SummaryState
     record: SummaryRecord | None  # the summary forwarded; None: none
     message: JSONObject | None  # the system message after the pinned prompt
@@ -105,7 +105,7 @@ class SummaryUse:
         """The same, forwarding the summary a job made ahead of the window's move (`next`), if
         there is one reaching further than the one forwarded now."""
         upcoming = self.state.next
-        if not self.enabled or upcoming is None or upcoming.covers_through <= self.covers_through:
+        if upcoming is None or upcoming.covers_through <= self.covers_through:
             return None
         message = _summary_wire(upcoming)
         return dataclasses.replace(
@@ -335,7 +335,7 @@ def uncovered(first_forwarded_seq: int, state: SummaryState) -> int:
 def turn_context(use: SummaryUse | None, first_forwarded_seq: int) -> JSONObject:
     """The summary a turn forwarded, and how many left-out messages it does not cover
     (`summary_lag`); both null with summaries off."""
-    if use is None or not use.enabled:
+    if use is None:
         return {"summary": None, "summary_lag": None}
     record = use.record
     return {

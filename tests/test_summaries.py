@@ -147,7 +147,7 @@ def test_the_forwarded_summary_message_and_the_turns_context() -> None:
     assert summary_message(record(4, 2)) == wire  # the same bytes every turn until another one
     assert uncovered(9, stored) == 4
     assert uncovered(3, stored) == 0
-    used = SummaryUse(True, stored, stored.current, wire, 20, "m")
+    used = SummaryUse(stored, stored.current, wire, 20, "m")
     assert used.covers_through == 4
     assert turn_context(used, 9) == {
         "summary": {"version": 2, "covers_through": 4},
@@ -157,8 +157,6 @@ def test_the_forwarded_summary_message_and_the_turns_context() -> None:
     assert left_out.covers_through == 0
     assert left_out.message is None
     assert turn_context(left_out, 9) == {"summary": None, "summary_lag": 8}
-    off = SummaryUse(False, stored, None, None, 0, "m")
-    assert turn_context(off, 9) == {"summary": None, "summary_lag": None}
     assert turn_context(None, 9) == {"summary": None, "summary_lag": None}
 
 
@@ -172,7 +170,7 @@ def test_a_summary_made_ahead_waits_until_the_window_passes_it() -> None:
     assert state().newest is None
     assert state().covers_through == 0
     # A turn that forwards the newer one makes it `current` in its commit...
-    forwarding_next = SummaryUse(True, both, both.next, None, 0, "m")
+    forwarding_next = SummaryUse(both, both.next, None, 0, "m")
     assert promotion(forwarding_next) == {
         "summary_text": "new",
         "summary_through": "10",
@@ -181,8 +179,8 @@ def test_a_summary_made_ahead_waits_until_the_window_passes_it() -> None:
         "summary_at": "1.0",
     }
     # ...and one that forwards `current`, or nothing, writes nothing.
-    assert promotion(SummaryUse(True, both, both.current, None, 0, "m")) == {}
-    assert promotion(SummaryUse(True, both, None, None, 0, "m")) == {}
+    assert promotion(SummaryUse(both, both.current, None, 0, "m")) == {}
+    assert promotion(SummaryUse(both, None, None, 0, "m")) == {}
     assert promotion(None) == {}
 
 

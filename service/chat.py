@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ from service.tokens import (
 )
 from service.trim import BudgetExceeded, Window, choose_window, continues_turn, fetch_scale
 
+_TOKENS = operator.attrgetter("tokens")  # a stored message's estimate, read in C
 log = logging.getLogger("service.chat")
 R = TypeVar("R")
 # A request that may resend the history: given the stored log (hashes included), the turn of
@@ -417,10 +419,10 @@ class ChatService:
         params = request.gateway_params()
         budget = self._budget(meta, model, params.get("max_tokens"))
         # Tool definitions are pinned like the system prompt: the gateway counts them.
-        system_tokens = sum(message_tokens(m) for m in system_wire) + tools_tokens(
-            params.get("tools")
-        )
-        new_tokens = sum(message_tokens(m) for m in new_wire)
+        system_estimates = [*map(message_tokens, system_wire)]
+        new_estimates = [*map(message_tokens, new_wire)]
+        system_tokens = sum(system_estimates) + tools_tokens(params.get("tools"))
+        new_tokens = sum(new_estimates)
         factor = self._store.cached_factor(ref.tenant, model)
         low_water = (meta.trim_low_water if meta else None) or self._policy.trim_low_water
         start = (meta.window_start if meta else None) or 1
@@ -466,10 +468,10 @@ class ChatService:
         if with_estimates or cache_marked:
             # The history's estimates are stored beside it (trimming used them).
             raw_estimates = [
-                *map(message_tokens, system_wire),
+                *system_estimates,
                 *([summary.tokens] if summary_wire and summary else []),
-                *[m.tokens for m in window.history],
-                *map(message_tokens, new_wire),
+                *map(_TOKENS, window.history),
+                *new_estimates,
             ]
             estimates = corrected_each(raw_estimates, factor)
         if cache_marked:
@@ -610,11 +612,14 @@ class ChatService:
     def _summarize_after(self, turn: _Turn, stored: list[Message]) -> None:
         if self._summaries is None or turn.summary is None:
             return
+        added = [*turn.carried, *stored]
         self._summaries.after_turn(
             turn.ref,
             turn.summary,
             first_seq=turn.first_seq,
-            history=[*turn.window.history, *turn.carried, *stored],
+            history=[*turn.window.history, *added],
+            # The window's estimates were summed by trimming: only what follows it is added here.
+            history_tokens=turn.window.history_tokens + sum([m.tokens for m in added]),
             fixed_tokens=turn.raw_estimate - turn.window.history_tokens,
             budget=turn.budget,
             factor=self._store.cached_factor(turn.ref.tenant, turn.model),

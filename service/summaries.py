@@ -122,12 +122,14 @@ class SummaryService:
         factor: float,
         client_key: str | None,
         request_id: str,
+        history_tokens: int | None = None,
     ) -> asyncio.Task[Outcome] | None:
         """After a turn's commit, in the background: fold what its window left out (before seq
         `first_seq`) and no summary covers yet, and, once the array nears the budget, what the
         window's next jump will leave out, so that the summary is ready when the window moves.
-        `history` is what the next turn would forward (this window, the new messages, the reply);
-        `fixed_tokens` the rest of the array. A job that is late leaves the previous summary."""
+        `history` is what the next turn would forward (this window, the new messages, the reply),
+        `history_tokens` its estimates summed if known; `fixed_tokens` the rest of the array. A
+        job that is late leaves the previous summary."""
         lagging = uncovered(first_seq, use.state) > 0
         if lagging:
             metrics.SUMMARY_LAGGED_TURNS.inc()
@@ -137,6 +139,7 @@ class SummaryService:
             budget=budget,
             factor=factor,
             low_water=self._policy.low_water,
+            history_tokens=history_tokens,
         )
         through = max(first_seq - 1, ahead)
         if through <= use.state.covers_through:

@@ -67,8 +67,10 @@ class SummaryState:
 
     @property
     def newest(self) -> SummaryRecord | None:
-        records = [r for r in (self.current, self.next) if r is not None]
-        return max(records, key=lambda r: (r.covers_through, r.version), default=None)
+        current, upcoming = self.current, self.next
+        if current is None or upcoming is None:  # asked every turn: most have one or none
+            return upcoming if current is None else current
+        return max(current, upcoming, key=lambda r: (r.covers_through, r.version))
 
     @property
     def covers_through(self) -> int:
@@ -146,8 +148,10 @@ def summary_state(meta: ConversationMeta | None, stored: int | None = None) -> S
         failures=meta.summary_failures,
         retry_at=meta.summary_retry_at,
     )
-    if stored is None or all(
-        record is None or record.covers_through <= stored for record in (state.current, state.next)
+    current, upcoming = state.current, state.next
+    if stored is None or (
+        (current is None or current.covers_through <= stored)
+        and (upcoming is None or upcoming.covers_through <= stored)
     ):
         return state
     return dataclasses.replace(
@@ -256,11 +260,14 @@ def prefetch_through(
     budget: int,
     factor: float,
     low_water: float,
+    history_tokens: int | None = None,
 ) -> int:
     """How far the next summary should reach, decided after a turn: the next move's cut once the
-    forwarded array passes PREFETCH_SHARE of the budget, else 0 (not yet)."""
-    # A list, not a generator: asked after every turn with summaries on, over its whole window.
-    used = corrected(fixed_tokens + sum([m.tokens for m in history]), factor)
+    forwarded array passes PREFETCH_SHARE of the budget, else 0 (not yet). `history_tokens`: the
+    history's estimates summed, when the caller knows it (a turn does: trimming summed them)."""
+    if history_tokens is None:
+        history_tokens = sum([m.tokens for m in history])
+    used = corrected(fixed_tokens + history_tokens, factor)
     if used < PREFETCH_SHARE * budget:
         return 0
     return ahead_cut(history, budget=budget, factor=factor, low_water=low_water)

@@ -74,9 +74,12 @@ def corrected(estimate: int, factor: float) -> int:
 
 
 def corrected_each(estimates: Iterable[int], factor: float) -> list[int]:
-    """corrected() of each estimate, without a call per message (a Claude model's turn corrects
-    its whole window for breakpoint placement; issue 10)."""
-    return [int(estimate * factor + 0.999) for estimate in estimates]
+    """corrected() of each estimate, the same arithmetic mapped in C: no bytecode per message (a
+    Claude model's turn corrects its whole window for breakpoint placement; issue 10)."""
+    return list(map(int, map(_ROUNDING.__add__, map(float(factor).__mul__, estimates))))
+
+
+_ROUNDING = 0.999  # corrected()'s: int(estimate * factor + 0.999)
 
 
 def next_factor(current: float, estimate: int, reported: int) -> float:

@@ -15,6 +15,7 @@ from service.tokens import (
     NON_TEXT_PART,
     SAFETY_MARGIN,
     corrected,
+    corrected_each,
     message_tokens,
     next_factor,
     text_tokens,
@@ -228,6 +229,8 @@ def test_window_properties(
     assert window.estimated_tokens == corrected(
         ARRAY_OVERHEAD + system + new + sum(m.tokens for m in kept), factor
     )
+    # The forwarded history's own estimates, summed (after_turn's history_tokens relies on it).
+    assert window.history_tokens == sum(m.tokens for m in kept)
     # A suffix of history: newest kept, nothing stored is lost or reordered.
     assert kept == history[len(history) - len(kept) :]
     assert window.dropped_messages == len(history) - len(kept)
@@ -485,3 +488,12 @@ def test_an_observation_without_a_count_leaves_the_correction_alone() -> None:
     assert next_factor(1.0, 1, 2) == pytest.approx(2 * SAFETY_MARGIN)
     # One reported token for a hundred estimated: the correction sinks, slowly, to the floor.
     assert next_factor(1.0, 100, 1) == pytest.approx(1.0 + (MIN_FACTOR - 1.0) * 0.2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    estimates=st.lists(st.integers(min_value=0, max_value=10**9), max_size=30),
+    factor=st.floats(min_value=MIN_FACTOR, max_value=4.0) | st.integers(min_value=1, max_value=3),
+)
+def test_corrected_each_is_corrected_of_each(estimates: list[int], factor: float) -> None:
+    assert corrected_each(estimates, factor) == [corrected(e, factor) for e in estimates]

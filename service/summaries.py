@@ -122,14 +122,14 @@ class SummaryService:
         factor: float,
         client_key: str | None,
         request_id: str,
-        history_tokens: int | None = None,
+        history_tokens: int,
     ) -> asyncio.Task[Outcome] | None:
         """After a turn's commit, in the background: fold what its window left out (before seq
         `first_seq`) and no summary covers yet, and, once the array nears the budget, what the
         window's next jump will leave out, so that the summary is ready when the window moves.
         `history` is what the next turn would forward (this window, the new messages, the reply),
-        `history_tokens` its estimates summed if known; `fixed_tokens` the rest of the array. A
-        job that is late leaves the previous summary."""
+        `history_tokens` its estimates summed; `fixed_tokens` the rest of the array. A job that
+        is late leaves the previous summary."""
         lagging = uncovered(first_seq, use.state) > 0
         if lagging:
             metrics.SUMMARY_LAGGED_TURNS.inc()

@@ -68,18 +68,18 @@ def tools_tokens(tools: object) -> int:
     return text_tokens(orjson.dumps(tools).decode())
 
 
+_ROUNDING = 0.999  # an estimate in the gateway's units is rounded up, bar float noise
+
+
 def corrected(estimate: int, factor: float) -> int:
     """An estimate in the gateway's units."""
-    return int(estimate * factor + 0.999)
+    return int(estimate * factor + _ROUNDING)
 
 
 def corrected_each(estimates: Iterable[int], factor: float) -> list[int]:
     """corrected() of each estimate, the same arithmetic mapped in C: no bytecode per message (a
     Claude model's turn corrects its whole window for breakpoint placement; issue 10)."""
     return list(map(int, map(_ROUNDING.__add__, map(float(factor).__mul__, estimates))))
-
-
-_ROUNDING = 0.999  # corrected()'s: int(estimate * factor + 0.999)
 
 
 def next_factor(current: float, estimate: int, reported: int) -> float:

@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None, *, lifecycle: Lifecycle | None 
                 pool_size=cfg.redis_pool_size,
                 pool_timeout_seconds=cfg.redis_pool_timeout_seconds,
             )
+            stack.push_async_callback(store.aclose)  # before the client's pool closes
             edits = LogEditStore(
                 store,
                 cluster=cluster,

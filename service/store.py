@@ -277,8 +277,12 @@ class ConversationStore:
         return await self._script(name, keys, args)
 
     async def load_scripts(self) -> None:
+        """Loads every script (at start-up, and again when Redis lost them) and opens the
+        batcher's connection, so that no turn pays for either."""
         for name, source in self._sources.items():
             self._sha[name] = _text(await self._redis.script_load(source))
+        if self._batcher is not None:
+            await self._batcher.connect()
 
     def known_factor(self, tenant: str, model: str) -> float | None:
         """The tenant's correction for `model` as last read; None before any was read here."""
@@ -296,6 +300,11 @@ class ConversationStore:
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
+
+    async def aclose(self) -> None:
+        """Gives back the connection the batcher keeps; the client itself is its opener's."""
+        if self._batcher is not None:
+            await self._batcher.aclose()
 
     async def _call(self, run: Callable[[], Awaitable[T]]) -> T:
         """Run one round trip; reload scripts once if Redis lost them (restart, failover)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from service.app import create_app
 from service.config import Settings
 from service.embedded_redis import EmbeddedRedis
+from service.store import ConversationStore
 from tests.fake_gateway import FakeGateway, serve_in_process
 
 # Real processes for end-to-end tests: gateway_process, replicas, spawn_replica, gateway_control.
@@ -53,6 +54,32 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.flushdb()
     yield client
     await client.aclose()
+
+
+OpenStore = Callable[..., ConversationStore]
+
+
+@pytest.fixture
+async def open_store() -> AsyncIterator[OpenStore]:
+    """`open_store(redis, cluster=False, ttl_seconds=3600)`: a ConversationStore on that client,
+    closed after the test (it keeps a connection of the client's pool: service/redis_batch.py)."""
+    opened: list[ConversationStore] = []
+
+    def open_one(
+        redis: Redis, *, cluster: bool = False, ttl_seconds: int = 3600
+    ) -> ConversationStore:
+        store = ConversationStore(
+            redis,
+            cluster=cluster,
+            conversation_ttl_seconds=ttl_seconds,
+            idempotency_ttl_seconds=ttl_seconds,
+        )
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.aclose()
 
 
 def make_settings(redis_url: str, **overrides: object) -> Settings:

@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 from service import limits
 from service.middleware import cors_headers
 from service.models import Message, Role
-from service.store import ConversationRef, ConversationStore
+from service.store import ConversationRef
 from service.usage import Usage
-from tests.conftest import make_settings, metric, serve
+from tests.conftest import OpenStore, make_settings, metric, serve
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
 
@@ -126,11 +126,11 @@ async def test_the_most_new_messages_allowed_are_stored(
     assert response.json()["conversation"]["message_count"] == limits.MAX_NEW_MESSAGES + 1
 
 
-async def test_commit_script_takes_thousands_of_messages(redis: Redis) -> None:
+async def test_commit_script_takes_thousands_of_messages(
+    redis: Redis, open_store: OpenStore
+) -> None:
     """No `unpack` of every ARGV at once: Lua's C stack holds about 8,000."""
-    store = ConversationStore(
-        redis, cluster=False, conversation_ttl_seconds=60, idempotency_ttl_seconds=60
-    )
+    store = open_store(redis, ttl_seconds=60)
     ref = ConversationRef("t", "big")
     started = await store.begin_turn(
         ref,
@@ -307,11 +307,11 @@ async def test_a_failed_index_write_does_not_fail_a_committed_turn(
     assert (await client.delete("/conversations/j")).status_code == 204
 
 
-async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(redis: Redis) -> None:
+async def test_on_a_cluster_a_failed_index_write_is_counted_not_raised(
+    redis: Redis, open_store: OpenStore
+) -> None:
     """The Cluster path writes the index beside the script; here it meets a key of another type."""
-    store = ConversationStore(
-        redis, cluster=True, conversation_ttl_seconds=60, idempotency_ttl_seconds=60
-    )
+    store = open_store(redis, cluster=True, ttl_seconds=60)
     ref = ConversationRef("t", "c")
     await redis.set(ref.index_key, "not a sorted set")
     before = metric("convproxy_index_write_failures_total")

@@ -7,14 +7,15 @@ import asyncio
 from redis.asyncio import Redis
 
 from service.lease import Renewal, wait_for_lease
-from service.store import ConversationRef, ConversationStore, Waiting
+from service.store import ConversationRef, Waiting
+from tests.conftest import OpenStore
 from tests.polling import eventually
 
 
-async def test_renewal_holds_the_lease_until_the_deadline_then_lets_it_lapse(redis: Redis) -> None:
-    store = ConversationStore(
-        redis, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
-    )
+async def test_renewal_holds_the_lease_until_the_deadline_then_lets_it_lapse(
+    redis: Redis, open_store: OpenStore
+) -> None:
+    store = open_store(redis)
     await store.load_scripts()
     ref = ConversationRef("acme", "lease")
     lock = ref.key("lock")
@@ -35,10 +36,10 @@ async def test_renewal_holds_the_lease_until_the_deadline_then_lets_it_lapse(red
         renewal.cancel()
 
 
-async def test_renewal_stops_when_the_lease_is_someone_elses(redis: Redis) -> None:
-    store = ConversationStore(
-        redis, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
-    )
+async def test_renewal_stops_when_the_lease_is_someone_elses(
+    redis: Redis, open_store: OpenStore
+) -> None:
+    store = open_store(redis)
     await store.load_scripts()
     ref = ConversationRef("acme", "taken")
     lock = ref.key("lock")

@@ -4,9 +4,10 @@ its own reply or error, a caller that left is not sent."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
@@ -14,12 +15,21 @@ from service.redis_batch import CommandBatcher
 from tests.conftest import free_port
 
 
+@pytest.fixture
+async def batcher(redis: Redis) -> AsyncIterator[CommandBatcher]:
+    batcher = CommandBatcher(redis)
+    try:
+        yield batcher
+    finally:
+        await batcher.aclose()  # the connection it keeps goes back to the pool
+
+
 async def _reads(redis: Redis) -> int:
     return int((await redis.info("stats"))["total_reads_processed"])
 
 
-async def test_concurrent_commands_share_round_trips(redis: Redis) -> None:
-    batcher = CommandBatcher(redis)
+async def test_concurrent_commands_share_round_trips(redis: Redis, batcher: CommandBatcher) -> None:
+    await batcher.execute("PING")  # opens the connection it keeps (a handshake of its own)
     before = await _reads(redis)
     replies = await asyncio.gather(
         *(batcher.execute("EVAL", "return ARGV[1]", 0, str(n)) for n in range(20))
@@ -31,8 +41,36 @@ async def test_concurrent_commands_share_round_trips(redis: Redis) -> None:
     assert after - before <= 3
 
 
-async def test_each_caller_gets_its_own_error(redis: Redis) -> None:
+async def test_the_first_command_goes_out_on_the_kept_connection(redis: Redis) -> None:
+    """No pool checkout for an uncontended command: the same connection each time, and not in
+    the pool while kept; back in it once the batcher is closed."""
     batcher = CommandBatcher(redis)
+    try:
+        kept = {await batcher.execute("CLIENT", "ID") for _ in range(3)}
+        assert len(kept) == 1
+        assert await redis.client_id() not in kept  # the client's own call: another connection
+    finally:
+        await batcher.aclose()
+    pool = redis.connection_pool
+    assert len(pool._available_connections) == 2  # both returned (private: no public count)
+    assert not pool._in_use_connections
+
+
+async def test_a_pool_of_one_is_not_kept_from_the_others(redis_url: str) -> None:
+    """With one connection in the pool the batcher keeps none: a kept one would leave nothing
+    for pipelines and every other call."""
+    pool = BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
+    small = Redis.from_pool(pool)  # closing it closes the pool
+    batcher = CommandBatcher(small)
+    try:
+        assert await batcher.execute("PING")
+        assert await small.ping()  # would time out waiting for the pool's only connection
+    finally:
+        await batcher.aclose()
+        await small.aclose()
+
+
+async def test_each_caller_gets_its_own_error(batcher: CommandBatcher) -> None:
     results = await asyncio.gather(
         batcher.execute("EVAL", "return 1", 0),
         batcher.execute("EVALSHA", "0" * 40, 0),  # batched: unknown script
@@ -52,13 +90,13 @@ async def test_a_failed_connection_fails_every_caller() -> None:
             *(batcher.execute("INCR", "n") for _ in range(3)), return_exceptions=True
         )
     finally:
+        await batcher.aclose()
         await nowhere.aclose()
     assert all(isinstance(r, RedisConnectionError) for r in results)
 
 
-async def test_a_caller_that_left_is_not_sent(redis: Redis) -> None:
+async def test_a_caller_that_left_is_not_sent(redis: Redis, batcher: CommandBatcher) -> None:
     await redis.delete("batched")
-    batcher = CommandBatcher(redis)
     first = asyncio.ensure_future(batcher.execute("INCR", "batched"))
     waiting = [asyncio.ensure_future(batcher.execute("INCR", "batched")) for _ in range(3)]
     # One pass of the loop (a yield, not a wait): the first is sent, the others queue behind it.
@@ -74,7 +112,6 @@ async def test_a_caller_that_left_is_not_sent(redis: Redis) -> None:
 
 
 @pytest.mark.parametrize("size", [1, 2])
-async def test_a_batch_of_any_size_is_answered(redis: Redis, size: int) -> None:
-    batcher = CommandBatcher(redis)
+async def test_a_batch_of_any_size_is_answered(batcher: CommandBatcher, size: int) -> None:
     replies = await asyncio.gather(*(batcher.execute("PING") for _ in range(1 + size)))
     assert all(r is True or r == b"PONG" for r in replies)

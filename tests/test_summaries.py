@@ -45,7 +45,7 @@ from service.summary_plan import (
     uncovered,
 )
 from service.summary_store import SummaryStore
-from tests.conftest import GATEWAY_KEY, make_settings, metric, serve
+from tests.conftest import GATEWAY_KEY, OpenStore, make_settings, metric, serve
 from tests.fake_gateway import Failure, FakeGateway, serve_in_process, summary_of, summary_parts
 from tests.polling import eventually
 
@@ -858,14 +858,17 @@ async def _failures(http: httpx.AsyncClient, cid: str) -> bool:
 
 
 async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
-    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis, redis_url: str
+    client: httpx.AsyncClient,
+    gateway: FakeGateway,
+    redis: Redis,
+    redis_url: str,
+    open_store: OpenStore,
 ) -> None:
     from redis.asyncio import ConnectionPool
 
     from service.auth import Caller
     from service.chat import ChatService, TurnPolicy
     from service.schemas import TurnCreate
-    from service.store import ConversationStore
     from tests.test_turns import CountingConnection
 
     for i in range(6):  # 12 messages of about 55 estimated tokens each
@@ -875,10 +878,9 @@ async def test_a_turn_that_moves_to_a_new_summary_still_costs_two_round_trips(
         assert await run(service, 8) == "stored"  # `next`, through 8
         pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
         counted = Redis.from_pool(pool)
-        store = ConversationStore(
-            counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
-        )
+        store = open_store(counted)
         await store.load_scripts()
+        await counted.ping()  # the pool's second connection opened (the store keeps the first)
         async with serve_in_process(gateway) as url, aiohttp.ClientSession() as session:
             chat = ChatService(
                 store,

@@ -16,9 +16,9 @@ from service.chat import ChatService, TurnPolicy
 from service.config import Settings
 from service.gateway import GatewayClient
 from service.schemas import TurnCreate
-from service.store import ConversationRef, ConversationStore
+from service.store import ConversationRef
 from service.trim import COLD_FETCH_FACTOR, FETCH_MARGIN
-from tests.conftest import make_settings, metric, serve
+from tests.conftest import OpenStore, make_settings, metric, serve
 from tests.fake_gateway import FakeGateway, gateway_tokens, serve_in_process
 from tests.polling import eventually
 
@@ -301,14 +301,15 @@ class CountingConnection(Connection):
 
 
 async def test_an_uncontended_turn_costs_two_round_trips(
-    redis_url: str, redis: Redis, gateway: FakeGateway, settings: Settings
+    redis_url: str, redis: Redis, gateway: FakeGateway, settings: Settings, open_store: OpenStore
 ) -> None:
     pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
     counted = Redis.from_pool(pool)
-    store = ConversationStore(
-        counted, cluster=False, conversation_ttl_seconds=3600, idempotency_ttl_seconds=3600
-    )
+    store = open_store(counted)
     await store.load_scripts()
+    # The store keeps one connection for its scripts: the pool's next one is opened (a handshake
+    # of four commands) before counting, as any replica's is after its first requests.
+    await counted.ping()
     async with serve_in_process(gateway) as gateway_url, aiohttp.ClientSession() as session:
         chat = ChatService(
             store,

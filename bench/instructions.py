@@ -5,7 +5,8 @@ instruction count does not: valgrind's callgrind counts the same total for the s
 inputs whatever the machine is doing (issue 10: figures any machine can reproduce). Each app, the
 service (`service.app.create_app`, settings as `make bench` runs it) and the bench's reference
 (`bench/reference.py`), is driven in its own process over ASGI: no HTTP server and no load
-generator in the count, only the app's own turn. 32 turns at a time, each on one of 2,000
+generator in the count, only the app's own turn. 32 turns at a time (`--concurrency`: another
+number; 1 is make bench's one-connection latency row), each on one of 2,000
 conversations of 20 stored messages (`--window`: another size, all forwarded; 200 is make bench's
 200-message row), against a real Redis and the bench's upstream (both in other
 processes); after a warm-up, callgrind counts `--turns` turns. Prints instructions per turn for
@@ -41,7 +42,7 @@ from service.__main__ import GC_THRESHOLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = 2000  # conversations per app: 32 in flight never share one
-CONCURRENCY = 32
+CONCURRENCY = 32  # the default: make bench's throughput rows run 32 connections
 WARM_UP = 300
 # Each target's conversations (seeded alike, 20 messages) and the model its turns name.
 TARGETS = {
@@ -103,8 +104,8 @@ async def _turn(app: ASGIApp, conversation: str, body: bytes) -> int:
     return status
 
 
-async def _turns(app: ASGIApp, target: str, first: int, count: int) -> int:
-    """`count` turns, CONCURRENCY at a time; the number that were not 200."""
+async def _turns(app: ASGIApp, target: str, first: int, count: int, concurrency: int) -> int:
+    """`count` turns, `concurrency` at a time; the number that were not 200."""
     prefix, model = TARGETS[target]
     body = _body(model)
     numbers = iter(range(first, first + count))
@@ -116,7 +117,7 @@ async def _turns(app: ASGIApp, target: str, first: int, count: int) -> int:
             if await _turn(app, f"{prefix}{n % POOL}", body) != 200:
                 failed += 1
 
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return failed
 
 
@@ -140,31 +141,39 @@ def _app(target: str, redis_url: str, upstream: str, window: int) -> Any:
     return create_app(settings)
 
 
-async def _child(target: str, redis_url: str, upstream: str, turns: int, window: int) -> None:
+async def _child(
+    target: str, redis_url: str, upstream: str, turns: int, window: int, concurrency: int
+) -> None:
     from asgi_lifespan import LifespanManager
 
     async with LifespanManager(_app(target, redis_url, upstream, window)) as manager:
-        failed = await _turns(manager.app, target, 0, WARM_UP)
+        failed = await _turns(manager.app, target, 0, WARM_UP, concurrency)
         if target != "reference":  # as `python -m service` does at start-up (the reference,
             # under plain uvicorn in make bench, keeps CPython's defaults)
             gc.collect()
             gc.freeze()
             gc.set_threshold(*GC_THRESHOLDS)
         _callgrind(True)
-        failed += await _turns(manager.app, target, WARM_UP, turns)
+        failed += await _turns(manager.app, target, WARM_UP, turns, concurrency)
         _callgrind(False)
     if failed:
         raise SystemExit(f"{target}: {failed} turns failed")
 
 
 def _count(
-    target: str, redis_url: str, upstream: str, turns: int, window: int, workdir: Path
+    target: str,
+    redis_url: str,
+    upstream: str,
+    turns: int,
+    window: int,
+    concurrency: int,
+    workdir: Path,
 ) -> int:
     out = workdir / f"callgrind.{target}.out"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     argv += [sys.executable, "-m", "bench.instructions", "--child", target]
     argv += ["--redis", redis_url, "--upstream", upstream, "--turns", str(turns)]
-    argv += ["--window", str(window)]
+    argv += ["--window", str(window), "--concurrency", str(concurrency)]
     log = workdir / f"{target}.log"
     with log.open("wb") as sink:
         done = subprocess.run(pinned(SERVICE_CORE, argv), cwd=ROOT, stdout=sink, stderr=sink)
@@ -187,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         default=WINDOW_MESSAGES,
         help="stored messages per conversation, all forwarded (200: make bench's wide row)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help="turns at a time (1: make bench's one-connection latency row)",
+    )
     parser.add_argument("--child", choices=sorted(TARGETS), help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -196,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         import uvloop  # the loop both servers run on under uvicorn
 
-        uvloop.run(_child(args.child, args.redis, args.upstream, args.turns, args.window))
+        uvloop.run(
+            _child(args.child, args.redis, args.upstream, args.turns, args.window, args.concurrency)
+        )
         return 0
     missing = [
         tool for tool in ("valgrind", "callgrind_control", "redis-server") if not shutil.which(tool)
@@ -229,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             f"http://127.0.0.1:{upstream_port}",
         )
         counts = {
-            target: _count(target, redis_url, upstream, args.turns, args.window, workdir)
+            target: _count(
+                target, redis_url, upstream, args.turns, args.window, args.concurrency, workdir
+            )
             / args.turns
             for target in targets
         }
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     service, ref = counts["service"], counts["reference"]
     print(
-        f"instructions per turn ({args.turns} turns, {CONCURRENCY} at a time, "
+        f"instructions per turn ({args.turns} turns, {args.concurrency} at a time, "
         f"{args.window + 1}-message windows):"
     )
     print(f"  service    {service / 1e6:7.3f} M")

@@ -260,13 +260,11 @@ def prefetch_through(
     budget: int,
     factor: float,
     low_water: float,
-    history_tokens: int | None = None,
+    history_tokens: int,
 ) -> int:
     """How far the next summary should reach, decided after a turn: the next move's cut once the
     forwarded array passes PREFETCH_SHARE of the budget, else 0 (not yet). `history_tokens`: the
-    history's estimates summed, when the caller knows it (a turn does: trimming summed them)."""
-    if history_tokens is None:
-        history_tokens = sum([m.tokens for m in history])
+    history's estimates summed (a turn has the sum: trimming made it)."""
     used = corrected(fixed_tokens + history_tokens, factor)
     if used < PREFETCH_SHARE * budget:
         return 0

@@ -106,8 +106,9 @@ def test_the_next_move_leaves_out_whole_turns_worth_the_band_above_low_water() -
     assert ahead_cut(log, low_water=0.01, **options) == 8
     assert ahead_cut(log[:2], low_water=0.01, **options) == 0
     # Not before the array passes PREFETCH_SHARE of the budget (85 here).
-    assert prefetch_through(log[:6], fixed_tokens=20, low_water=0.6, **options) == 0  # 80
-    assert prefetch_through(log[:8], fixed_tokens=20, low_water=0.6, **options) == 6  # 100
+    ahead = {"fixed_tokens": 20, "low_water": 0.6, **options}
+    assert prefetch_through(log[:6], history_tokens=60, **ahead) == 0  # 80
+    assert prefetch_through(log[:8], history_tokens=80, **ahead) == 6  # 100
 
 
 def test_the_request_holds_the_previous_summary_and_exactly_the_messages() -> None:

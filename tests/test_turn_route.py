@@ -9,6 +9,7 @@ body's own checks before the conversation's scope, and all validation errors in 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,12 +17,14 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.routing import APIRoute
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from service.app import create_app
 from service.editing_routes import regenerate
 from service.routes import post_turn
-from service.turn_route import TurnRoute
+from service.turn_route import TurnRoute, json_value
 from tests.conftest import CLIENT_KEY, with_gateway
 from tests.fake_gateway import FakeGateway, serve_in_process
 from tests.test_end_users import ACME_SECRET, bearer, end_user_settings, token
@@ -72,6 +75,31 @@ CASES: dict[str, tuple[str, bytes, dict[str, str]]] = {
     "an unknown field": (
         "c1",
         b'{"message": {"role": "user", "content": "x"}, "temperatura": 1}',
+        {**CLIENT, **JSON},
+    ),
+    # JSON the json module reads and pydantic-core's parser refuses (json_value's fallback)
+    "NaN": (
+        "c1",
+        b'{"message": {"role": "user", "content": "x"}, "temperature": NaN}',
+        {**CLIENT, **JSON},
+    ),
+    "a byte-order mark": ("c1", b"\xef\xbb\xbf{}", {**CLIENT, **JSON}),
+    "a lone surrogate": (
+        "c1",
+        b'{"message": {"role": "user", "content": "\\ud800"}}',
+        {**CLIENT, **JSON},
+    ),
+    "an integer past 64 bits": (
+        "c1",
+        b'{"message": {"role": "user", "content": "x"}, "max_tokens": 18446744073709551616}',
+        {**CLIENT, **JSON},
+    ),
+    "nesting past 200": (
+        "c1",
+        b'{"message": {"role": "user", "content": "x"}, "metadata": '
+        + b"[" * 250
+        + b"]" * 250
+        + b"}",
         {**CLIENT, **JSON},
     ),
     "no Content-Type": ("c1", b'{"message": {"role": "user", "content": 1}}', CLIENT),
@@ -151,6 +179,47 @@ async def test_a_turn_and_a_regenerate_are_answered_alike(
         assert turn.json()["conversation"]["message_count"] == 2
         assert again.json()["conversation"]["message_count"] == 2
     assert answers == [(200, 200), (200, 200)]
+
+
+# JSON values, with what the json module reads beyond strict JSON: NaN and infinities, integers of
+# any size, lone surrogates (escaped by json.dumps), deep nesting.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(value=JSON_VALUES, ascii=st.booleans(), bom=st.booleans(), depth=st.integers(0, 260))
+@settings(max_examples=300, deadline=None)
+def test_json_value_reads_what_the_json_module_reads(
+    value: Any, ascii: bool, bom: bool, depth: int
+) -> None:
+    text = "[" * depth + json.dumps(value, ensure_ascii=ascii) + "]" * depth
+    raw = (b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8", "surrogatepass")
+    try:
+        expected = json.loads(raw)
+    except ValueError as exc:  # a lone surrogate unescaped is not UTF-8: the same error
+        with pytest.raises(type(exc)):
+            json_value(raw)
+        return
+    got = json_value(raw)
+    assert type(got) is type(expected)
+    # by their JSON: NaN is not equal to itself, and 1 == 1.0 == True would hide a changed type
+    assert json.dumps(got) == json.dumps(expected)
+
+
+def _error(parse: Any, raw: bytes) -> tuple[type[Exception], str]:
+    try:
+        parse(raw)
+    except ValueError as exc:
+        return type(exc), str(exc)
+    raise AssertionError(f"{raw!r} parsed")
+
+
+@pytest.mark.parametrize("raw", [b"{", b'{"a": 1} x', b"[1,]", b"\xff", b"nul", b"\xef\xbb\xbf["])
+def test_json_value_raises_the_json_modules_errors(raw: bytes) -> None:
+    assert _error(json_value, raw) == _error(json.loads, raw)
 
 
 def test_only_turn_shaped_endpoints_are_taken() -> None:

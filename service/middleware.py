@@ -26,7 +26,7 @@ from service.errors import (
     problem_bytes,
 )
 from service.ids import random_id
-from service.logs import begin_request
+from service.logs import FIELDS, begin_request
 
 log = logging.getLogger("service.access")
 
@@ -250,7 +250,7 @@ class RequestMiddleware:
         if tenant is not None:
             entry["tenant"] = tenant_hash(tenant)
         entry.update(fields)
-        log.info("request", extra=entry)
+        log.info("request", extra={FIELDS: entry})
 
 
 _LIVE: weakref.WeakSet[RequestMiddleware] = weakref.WeakSet()  # one per app: one in production

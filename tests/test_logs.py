@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from service.config import Settings
-from service.logs import JsonFormatter, configure_logging
+from service.logs import FIELDS, JsonFormatter, configure_logging
 from service.middleware import tenant_hash
 from tests.conftest import GATEWAY_KEY, make_settings, serve
 from tests.fake_gateway import Failure, FakeGateway
@@ -244,3 +244,21 @@ def test_timestamps_across_seconds() -> None:
         "1970-01-01T00:00:59.250Z",
         "2000-01-01T12:00:00.001Z",
     ]
+
+
+def test_fields_given_as_one_mapping_print_as_extras() -> None:
+    """The access line passes its fields as one `extra` entry (FIELDS); each is printed at the
+    top level, in order, exactly as the same fields given one by one."""
+    fields = {"request_id": "r1", "status": 200, "duration_ms": 1.5, "tenant": "t", "n": None}
+    logger = logging.getLogger("test.fields")
+    formatter = JsonFormatter()
+    lines = []
+    for extra in ({FIELDS: dict(fields)}, dict(fields)):
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "", 0, "request", (), None, extra=extra
+        )
+        record.created, record.msecs = 1.0, 0.0
+        lines.append(orjson.loads(formatter.format(record)))
+    one, each = lines
+    assert one == each
+    assert list(one) == ["ts", "level", "logger", "msg", *fields]

@@ -168,8 +168,15 @@ class Settings(BaseSettings):
     def _defaults_within_caps(self) -> Settings:
         if self.token_budget > self.max_token_budget:
             raise ValueError("TOKEN_BUDGET must not exceed MAX_TOKEN_BUDGET")
+        ttl = self.conversation_ttl_seconds
+        if "max_conversation_ttl_seconds" not in self.model_fields_set and (
+            ttl == 0 or ttl > self.max_conversation_ttl_seconds
+        ):
+            # CONVERSATION_TTL_SECONDS alone is the operator's choice (the contract's "0 =
+            # never"): a default cap under it follows it, as if set to it; 0 lifts the cap.
+            self.max_conversation_ttl_seconds = ttl
         cap = self.max_conversation_ttl_seconds
-        if cap and not 0 < self.conversation_ttl_seconds <= cap:
+        if cap and not 0 < ttl <= cap:
             raise ValueError(
                 "CONVERSATION_TTL_SECONDS must be 1..MAX_CONVERSATION_TTL_SECONDS "
                 "(never expiring needs MAX_CONVERSATION_TTL_SECONDS=0)"

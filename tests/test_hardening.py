@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from service import limits
+from service.config import Settings
 from service.middleware import cors_headers
 from service.models import Message, Role
 from service.store import ConversationRef
@@ -203,8 +204,36 @@ def test_default_settings_must_fit_their_caps(redis_url: str) -> None:
     with pytest.raises(ValueError, match="TOKEN_BUDGET"):
         make_settings(redis_url, token_budget=300_000)
     with pytest.raises(ValueError, match="CONVERSATION_TTL_SECONDS"):
-        make_settings(redis_url, conversation_ttl_seconds=0)
+        make_settings(redis_url, conversation_ttl_seconds=0, max_conversation_ttl_seconds=86_400)
+    with pytest.raises(ValueError, match="CONVERSATION_TTL_SECONDS"):
+        make_settings(
+            redis_url, conversation_ttl_seconds=86_401, max_conversation_ttl_seconds=86_400
+        )
     assert make_settings(redis_url, conversation_ttl_seconds=0, max_conversation_ttl_seconds=0)
+
+
+@pytest.mark.parametrize(
+    ("ttl", "cap"), [(0, 0), (365 * 24 * 3600, 365 * 24 * 3600), (3600, 90 * 24 * 3600)]
+)
+def test_the_default_cap_follows_conversation_ttl_seconds(
+    monkeypatch: pytest.MonkeyPatch, ttl: int, cap: int
+) -> None:
+    """The contract's CONVERSATION_TTL_SECONDS alone (0 = never, or longer than the default cap)
+    starts the service: an unset MAX_CONVERSATION_TTL_SECONDS takes it; a shorter one leaves the
+    default cap."""
+    monkeypatch.setenv("CONVERSATION_TTL_SECONDS", str(ttl))
+    settings = Settings(_env_file=None)
+    assert (settings.conversation_ttl_seconds, settings.max_conversation_ttl_seconds) == (ttl, cap)
+
+
+async def test_conversation_ttl_zero_alone_keeps_conversations(
+    redis_url: str, redis: Redis, gateway: FakeGateway
+) -> None:
+    async with serve(make_settings(redis_url, conversation_ttl_seconds=0), gateway) as client:
+        assert (await client.post("/conversations/keep/messages", json=user("a"))).is_success
+        assert (await client.put("/conversations/keep", json={"ttl_seconds": 0})).is_success
+    assert await redis.ttl("conv:{acme:keep}:log") == -1
+    assert await redis.ttl("conv:{acme}:index") == -1
 
 
 # ---- 9.8: only documented gateway parameters ------------------------------------------------

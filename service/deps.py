@@ -121,6 +121,9 @@ async def get_idempotency_key(
 IdempotencyKeyDep = Annotated[str | None, Depends(get_idempotency_key)]
 
 
+_NO_PARAMETERS = RegenerateCreate()
+
+
 async def get_turn(body: TurnCreate, request: Request, caller: CallerDep) -> TurnCreate:
     """The turn's body, refused when it names a field neither we nor the operator allow, and
     held to an end-user token's caps. (Settings straight from the state, not SettingsDep: see
@@ -129,9 +132,10 @@ async def get_turn(body: TurnCreate, request: Request, caller: CallerDep) -> Tur
 
 
 async def get_regenerate(
-    body: RegenerateCreate, request: Request, caller: CallerDep
+    body: RegenerateCreate = _NO_PARAMETERS, *, request: Request, caller: CallerDep
 ) -> RegenerateCreate:
-    """A regenerate's body, held to the same rules as a turn's."""
+    """A regenerate's body, held to the same rules as a turn's. Every field is optional, so no
+    body at all is the same as `{}` (FastAPI gives each request a copy of the default)."""
     return _allowed(body, request.state.settings, caller)
 
 

@@ -62,7 +62,9 @@ class TurnRoute(APIRoute):
             body = await _json_body(request)
             caller = await get_caller(request)
             values, errors = await request_body_to_args([body_field], body, False)
-            turn = await check(values["body"], request, caller) if not errors else None
+            turn = (
+                await check(values["body"], request=request, caller=caller) if not errors else None
+            )
             conversation_id, id_errors = id_field.validate(
                 request.path_params[id_field.alias], {}, loc=id_loc
             )

@@ -533,6 +533,23 @@ async def test_regenerate_replaces_the_last_reply(
     assert await redis.hget(meta_key("g"), "generation") == b"1"
 
 
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "application/json"}])
+async def test_regenerate_without_a_body_is_regenerate_with_an_empty_one(
+    client: httpx.AsyncClient, gateway: FakeGateway, headers: dict[str, str]
+) -> None:
+    """Every field of a regenerate is optional: no body at all is `{}`, not a 422."""
+    await turns(client, "nb", "one")
+    gateway.reply_prefix = "again: "
+    response = await client.post("/conversations/nb/regenerate", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["conversation"]["message_count"] == 2
+    assert await contents(client, "nb") == ["one", "again: one"]
+    # a turn's message stays required
+    refused = await client.post("/conversations/nb/messages", headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert await contents(client, "nb") == ["one", "again: one"]
+
+
 async def test_regenerate_after_tool_calls_replaces_everything_after_the_user_message(
     client: httpx.AsyncClient, gateway: FakeGateway
 ) -> None:

@@ -12,7 +12,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from service.redis_batch import CommandBatcher
+from service.redis_client import open_redis
 from tests.conftest import free_port
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -54,6 +56,61 @@ async def test_the_first_command_goes_out_on_the_kept_connection(redis: Redis) -
     pool = redis.connection_pool
     assert len(pool._available_connections) == 2  # both returned (private: no public count)
     assert not pool._in_use_connections
+
+
+async def test_the_kept_connection_comes_back_after_redis_drops_it(
+    redis_url: str, redis: Redis
+) -> None:
+    """A dead kept connection costs no command: the connection's Retry (the service's, from
+    open_redis) sends it again on a fresh one, as the client does for its own commands."""
+    service_client, _ = open_redis(redis_url, pool_size=4, pool_timeout_seconds=1)
+    assert isinstance(service_client, Redis)
+    batcher = CommandBatcher(service_client)
+    try:
+        kept = await batcher.execute("CLIENT", "ID")
+        assert await redis.client_kill_filter(_id=kept) == 1
+        assert await batcher.execute("ECHO", "after") == b"after"
+        assert await batcher.execute("CLIENT", "ID") != kept  # a new connection, kept again
+    finally:
+        await batcher.aclose()
+        await service_client.aclose()
+
+
+async def test_a_command_cancelled_on_the_kept_connection_leaves_no_reply_behind(
+    redis: Redis, batcher: CommandBatcher
+) -> None:
+    """A caller cancelled while its reply is due: the connection is dropped, so the next command
+    reads its own reply, not the abandoned one."""
+    await redis.delete("nothing")
+    blocked = asyncio.ensure_future(batcher.execute("BLPOP", "nothing", 5))
+    await eventually(
+        lambda: _blocked_clients(redis, 1), what="the BLPOP to block on the kept connection"
+    )
+    blocked.cancel()
+    await redis.rpush("nothing", "late")  # answers the BLPOP, if Redis has not dropped it yet
+    assert await batcher.execute("ECHO", "mine") == b"mine"
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+
+
+async def _blocked_clients(redis: Redis, count: int) -> bool:
+    return int((await redis.info("clients"))["blocked_clients"]) == count
+
+
+async def test_replies_are_parsed_as_the_client_parses_them(
+    redis: Redis, batcher: CommandBatcher
+) -> None:
+    await redis.delete("h")
+    await redis.hset("h", mapping={"a": "1", "b": "2"})
+    assert (
+        await batcher.execute("HGETALL", "h")
+        == await redis.hgetall("h")
+        == {
+            b"a": b"1",
+            b"b": b"2",
+        }
+    )
+    assert await batcher.execute("PING") is True
 
 
 async def test_a_pool_of_one_is_not_kept_from_the_others(redis_url: str) -> None:

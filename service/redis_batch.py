@@ -1,33 +1,38 @@
-"""CommandBatcher: Redis commands of concurrent requests sent together, as one redis-py pipeline.
+"""CommandBatcher: Redis commands of concurrent requests sent together, pipelined on one connection.
 
 redis-py spends far more CPU on each call (pool checkout, timeouts, retry wrapper) than on the
 command itself: measured under 32 concurrent turns, an EVALSHA cost 55 us of CPU alone and 17 us
 in a pipeline with the others waiting (issue 10). So the first command goes out at once, as
-before; commands issued while it is in flight wait for it and then go out together in one
-non-transactional pipeline, each still atomic on its own (they are scripts), each answered with
-its own reply or its own error. An uncontended request sees exactly the calls it made before.
+before; commands issued while it is in flight wait for it and then go out together, pipelined,
+each still atomic on its own (they are scripts), each answered with its own reply or its own
+error. An uncontended request sees exactly the calls it made before.
 
-The first command goes out on a connection the batcher keeps, taken from the same pool: a command
-on a pooled connection costs 275,000 instructions, of which checking the connection out and back
-in (a condition, a timeout timer, two locks, release events) is 113,000 (callgrind; issue 10). At
-one request at a time that is every command of a turn. Only one command or batch is in flight at
-a time, so one connection is all the first needs; batches take a pooled one as before.
-
-On the kept connection a command is sent and read through redis-py's Connection, with the
-connection's own Retry (a dead connection is dropped and the command sent again on a fresh one,
-as the client does), which is how redis-py's Pipeline and PubSub use a connection: not through the
-client's per-command wrapper, whose lock (the batcher already sends one command at a time),
-observability hooks and maintenance-event checks were a third of a command's instructions
-(164,000 on redis-py's single-connection client; issue 10).
+Only one command or batch is in flight at a time, so the batcher keeps one connection of its own
+for them (opened with the pool's settings, beside the pool, so that it never takes a connection
+the client's other calls wait for) and uses it as redis-py's Pipeline and PubSub use theirs:
+through redis-py's Connection (send, read, the connection's Retry: a dead connection is dropped
+and the command or batch sent again on a fresh one, as the client does). Not through the client,
+whose per-call machinery was most of a command's cost (callgrind, issue 10): a command on a
+pooled connection took 275,000 instructions, 113,000 of them checking the connection out of the
+pool and back in; on redis-py's single-connection client 164,000, a third of them its lock (the
+batcher already sends one at a time), observability hooks and maintenance-event checks. The
+socket timeout is one deadline over a command's write and read, as `asyncio.timeout`, instead of
+redis-py's two, whose write timeout starts a task per command on CPython 3.11: -4.6% of a turn at
+one request at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Command = tuple[Any, ...]
 
 
 class CommandBatcher:
@@ -35,12 +40,15 @@ class CommandBatcher:
     Cluster: a Cluster's pipeline splits by node, and its client keeps its own path)."""
 
     def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+        pool = redis.connection_pool
+        self._connection_class = pool.connection_class
+        # The pool's settings (address, credentials, TLS, Sentinel, Retry, health checks), its
+        # socket timeout applied over each round trip instead (_round_trip).
+        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self._timeout: float | None = pool.connection_kwargs.get("socket_timeout")
         self._callbacks = redis.response_callbacks
-        # Kept only if the pool has another connection for everything else to use.
-        self._keeps = redis.connection_pool.max_connections > 1
         self._kept: AbstractConnection | None = None
-        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[Command, asyncio.Future[Any]]] = []
         self._busy = False
         self._flusher: asyncio.Task[None] | None = None  # referenced, so it is not collected
 
@@ -52,39 +60,56 @@ class CommandBatcher:
             return await future
         self._busy = True
         try:
-            if not self._keeps:
-                return await self._redis.execute_command(*args)  # type: ignore[no-untyped-call] # redis-py leaves it untyped
-            conn = self._kept or await self._keep()
-            return await conn.retry.call_with_retry(
-                lambda: self._round_trip(conn, args), lambda _: conn.disconnect()
-            )
+            (reply,) = await self._send([args])
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
         finally:
             self._next()
 
-    async def _round_trip(self, conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
-        """One command on the kept connection, its reply as the client returns it."""
-        # Connects again if the connection was dropped, and checks its health when due; the read
-        # raises an error reply as its exception, and drops the connection if it fails or is
-        # cancelled halfway, so that no later command reads this one's reply.
-        await conn.send_command(*args)
-        reply = await conn.read_response()
-        callback = self._callbacks.get(args[0])
-        return callback(reply) if callback is not None else reply
-
-    async def _keep(self) -> AbstractConnection:
-        self._kept = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
-        return self._kept
-
     async def connect(self) -> None:
         """Opens the kept connection now (a handshake of several commands), not on a turn."""
-        if self._keeps and self._kept is None:
-            await self._keep()
+        await self._connection().connect()  # type: ignore[no-untyped-call] # redis-py leaves it untyped
 
     async def aclose(self) -> None:
-        """Gives the kept connection back to the pool (before the pool closes)."""
+        """Closes the kept connection."""
         if self._kept is not None:
             kept, self._kept = self._kept, None
-            await self._redis.connection_pool.release(kept)
+            await kept.disconnect()
+
+    def _connection(self) -> AbstractConnection:
+        if self._kept is None:
+            self._kept = self._connection_class(**self._kwargs)
+        return self._kept
+
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+        """Each command's reply, or the error Redis answered it with, in order; raises what
+        failed the connection (after its Retry)."""
+        conn = self._connection()
+        replies: list[Any] = await conn.retry.call_with_retry(
+            lambda: self._round_trip(conn, commands), lambda _: conn.disconnect()
+        )
+        return replies
+
+    async def _round_trip(self, conn: AbstractConnection, commands: Sequence[Command]) -> list[Any]:
+        # Sending connects again if the connection was dropped, and checks its health when due.
+        # A read that fails or is cancelled halfway drops the connection, so that no later
+        # command reads this one's reply.
+        replies: list[Any] = []
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.send_packed_command(conn.pack_commands(commands))
+                for args in commands:
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as error:
+                        replies.append(error)
+                        continue
+                    callback = self._callbacks.get(args[0])
+                    replies.append(callback(reply) if callback is not None else reply)
+        except TimeoutError:
+            raise RedisTimeoutError(f"no reply from Redis within {self._timeout} s") from None
+        return replies
 
     def _next(self) -> None:
         if self._waiting:  # stays busy: the batch goes out from its own task, which no
@@ -99,17 +124,14 @@ class CommandBatcher:
                 batch = [(args, f) for args, f in self._waiting if not f.done()]  # not cancelled
                 self._waiting = []
                 if batch:
-                    await self._send(batch)
+                    await self._answer(batch)
         finally:
             self._busy = False
             self._flusher = None
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _answer(self, batch: list[tuple[Command, asyncio.Future[Any]]]) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for args, _ in batch:
-                    pipe.execute_command(*args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await self._send([args for args, _ in batch])
         except Exception as exc:  # the connection failed: every caller in the batch sees it
             for _, future in batch:
                 if not future.done():

@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.redis_batch import CommandBatcher
 from service.redis_client import open_redis
@@ -44,18 +45,41 @@ async def test_concurrent_commands_share_round_trips(redis: Redis, batcher: Comm
 
 
 async def test_the_first_command_goes_out_on_the_kept_connection(redis: Redis) -> None:
-    """No pool checkout for an uncontended command: the same connection each time, and not in
-    the pool while kept; back in it once the batcher is closed."""
+    """No pool checkout for an uncontended command: the same connection each time, the
+    batcher's own (not one of the pool's, which the client's other calls use); closed with the
+    batcher."""
+    pool = redis.connection_pool
     batcher = CommandBatcher(redis)
     try:
         kept = {await batcher.execute("CLIENT", "ID") for _ in range(3)}
         assert len(kept) == 1
         assert await redis.client_id() not in kept  # the client's own call: another connection
+        assert len(pool._available_connections) == 1  # only the client's (private: no count)
+        assert not pool._in_use_connections
     finally:
         await batcher.aclose()
-    pool = redis.connection_pool
-    assert len(pool._available_connections) == 2  # both returned (private: no public count)
-    assert not pool._in_use_connections
+
+    async def closed() -> bool:
+        return not kept & {int(c["id"]) for c in await redis.client_list()}
+
+    await eventually(closed, what="the kept connection to close")
+
+
+async def test_a_command_past_the_socket_timeout_fails_and_leaves_no_reply_behind(
+    redis_url: str,
+) -> None:
+    """The pool's socket timeout bounds a command's round trip on the kept connection: past it,
+    redis-py's TimeoutError, and the connection is dropped, so the next command reads its own
+    reply and not the late one."""
+    slow = Redis.from_url(redis_url, socket_timeout=0.2)  # its connections retry nothing
+    batcher = CommandBatcher(slow)
+    try:
+        with pytest.raises(RedisTimeoutError, match=r"within 0\.2 s"):
+            await batcher.execute("BLPOP", "never-pushed", 1)
+        assert await batcher.execute("ECHO", "next") == b"next"
+    finally:
+        await batcher.aclose()
+        await slow.aclose()
 
 
 async def test_the_kept_connection_comes_back_after_redis_drops_it(
@@ -114,8 +138,8 @@ async def test_replies_are_parsed_as_the_client_parses_them(
 
 
 async def test_a_pool_of_one_is_not_kept_from_the_others(redis_url: str) -> None:
-    """With one connection in the pool the batcher keeps none: a kept one would leave nothing
-    for pipelines and every other call."""
+    """The batcher's connection is its own, not the pool's: a pool of one still serves every
+    other call."""
     pool = BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
     small = Redis.from_pool(pool)  # closing it closes the pool
     batcher = CommandBatcher(small)

@@ -302,7 +302,7 @@ class ConversationStore:
         return bool(await self._redis.ping())
 
     async def aclose(self) -> None:
-        """Gives back the connection the batcher keeps; the client itself is its opener's."""
+        """Closes the connection the batcher keeps; the client itself is its opener's."""
         if self._batcher is not None:
             await self._batcher.aclose()
 

@@ -4,6 +4,7 @@ its own reply or error, a caller that left is not sent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -24,7 +25,18 @@ async def batcher(redis: Redis) -> AsyncIterator[CommandBatcher]:
     try:
         yield batcher
     finally:
-        await batcher.aclose()  # the connection it keeps goes back to the pool
+        await batcher.aclose()  # closes the connection it keeps
+
+
+@contextlib.asynccontextmanager
+async def _batcher_over(client: Redis) -> AsyncIterator[CommandBatcher]:
+    """A batcher over a client of the test's own making; both closed after."""
+    batcher = CommandBatcher(client)
+    try:
+        yield batcher
+    finally:
+        await batcher.aclose()
+        await client.aclose()
 
 
 async def _reads(redis: Redis) -> int:
@@ -72,14 +84,10 @@ async def test_a_command_past_the_socket_timeout_fails_and_leaves_no_reply_behin
     redis-py's TimeoutError, and the connection is dropped, so the next command reads its own
     reply and not the late one."""
     slow = Redis.from_url(redis_url, socket_timeout=0.2)  # its connections retry nothing
-    batcher = CommandBatcher(slow)
-    try:
+    async with _batcher_over(slow) as batcher:
         with pytest.raises(RedisTimeoutError, match=r"within 0\.2 s"):
             await batcher.execute("BLPOP", "never-pushed", 1)
         assert await batcher.execute("ECHO", "next") == b"next"
-    finally:
-        await batcher.aclose()
-        await slow.aclose()
 
 
 async def test_the_kept_connection_comes_back_after_redis_drops_it(
@@ -89,15 +97,11 @@ async def test_the_kept_connection_comes_back_after_redis_drops_it(
     open_redis) sends it again on a fresh one, as the client does for its own commands."""
     service_client, _ = open_redis(redis_url, pool_size=4, pool_timeout_seconds=1)
     assert isinstance(service_client, Redis)
-    batcher = CommandBatcher(service_client)
-    try:
+    async with _batcher_over(service_client) as batcher:
         kept = await batcher.execute("CLIENT", "ID")
         assert await redis.client_kill_filter(_id=kept) == 1
         assert await batcher.execute("ECHO", "after") == b"after"
         assert await batcher.execute("CLIENT", "ID") != kept  # a new connection, kept again
-    finally:
-        await batcher.aclose()
-        await service_client.aclose()
 
 
 async def test_a_command_cancelled_on_the_kept_connection_leaves_no_reply_behind(
@@ -142,13 +146,9 @@ async def test_a_pool_of_one_is_not_kept_from_the_others(redis_url: str) -> None
     other call."""
     pool = BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=1)
     small = Redis.from_pool(pool)  # closing it closes the pool
-    batcher = CommandBatcher(small)
-    try:
+    async with _batcher_over(small) as batcher:
         assert await batcher.execute("PING")
         assert await small.ping()  # would time out waiting for the pool's only connection
-    finally:
-        await batcher.aclose()
-        await small.aclose()
 
 
 async def test_each_caller_gets_its_own_error(batcher: CommandBatcher) -> None:
@@ -164,15 +164,10 @@ async def test_each_caller_gets_its_own_error(batcher: CommandBatcher) -> None:
 
 
 async def test_a_failed_connection_fails_every_caller() -> None:
-    nowhere = Redis(port=free_port(), socket_connect_timeout=1)
-    batcher = CommandBatcher(nowhere)
-    try:
+    async with _batcher_over(Redis(port=free_port(), socket_connect_timeout=1)) as batcher:
         results = await asyncio.gather(
             *(batcher.execute("INCR", "n") for _ in range(3)), return_exceptions=True
         )
-    finally:
-        await batcher.aclose()
-        await nowhere.aclose()
     assert all(isinstance(r, RedisConnectionError) for r in results)
 
 

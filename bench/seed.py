@@ -8,6 +8,7 @@ import orjson
 from redis import Redis
 
 from bench.upstreams import REPLY_TEXT, USER_TEXT
+from service.history import message_hash
 from service.models import Message, Role
 from service.store import ConversationRef
 from service.tokens import SAFETY_MARGIN, message_tokens
@@ -43,22 +44,27 @@ def seed(
     payloads = [message_json(seq, now + seq / 1e6) for seq in range(1, messages + 1)]
     # The estimates beside the log, as the store keeps them (else the first turn rebuilds them).
     tokens = [orjson.loads(p)["tokens"] for p in payloads]
+    # And their content hashes, as every turn's commit writes them (else the first lays them
+    # anew as unknown, work a conversation the service wrote never sees).
+    hashes = [message_hash(Message.from_json(p).to_wire()) for p in payloads]
     written = 0
     index = ConversationRef(tenant, "").index_key
     pipe = redis.pipeline(transaction=False)
     for n in range(conversations):
         ref = ConversationRef(tenant, f"{prefix}{n}")
         log = ref.key("log")
-        pipe.delete(log, ref.key("tok"), ref.key("meta"), ref.key("lock"))
+        pipe.delete(log, ref.key("tok"), ref.key("hash"), ref.key("meta"), ref.key("lock"))
         for start in range(0, messages, 1000):
             pipe.rpush(log, *payloads[start : start + 1000])
             pipe.rpush(ref.key("tok"), *tokens[start : start + 1000])
+            pipe.rpush(ref.key("hash"), *hashes[start : start + 1000])
         pipe.hset(
             ref.key("meta"),
             mapping={"created_at": repr(now), "updated_at": repr(now), **(meta or {})},
         )
         pipe.expire(log, ttl_seconds)
         pipe.expire(ref.key("tok"), ttl_seconds)
+        pipe.expire(ref.key("hash"), ttl_seconds)
         pipe.expire(ref.key("meta"), ttl_seconds)
         pipe.zadd(index, {ref.id: now})
         written += sum(len(p) for p in payloads)

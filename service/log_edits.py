@@ -115,8 +115,7 @@ end
 redis.call('DEL', KEYS[10])
 for field, value in pairs(p.fields) do redis.call('HSET', KEYS[1], field, value) end
 redis.call('HSET', KEYS[1], 'created_at', p.now, 'updated_at', p.now)
-slide_ttl(KEYS[1], KEYS[2], p.ttl)
-slide_ttl(KEYS[1], KEYS[3], p.ttl)
+slide_ttl(KEYS[1], {KEYS[2], KEYS[3]}, p.ttl)
 if p.idem then
   redis.call('SET', KEYS[7], p.fingerprint .. '\n' .. p.body, 'EX', p.idem_ttl)
   redis.call('SADD', KEYS[8], KEYS[7])
@@ -152,9 +151,7 @@ if p.from > length then return {'beyond'} end
 if redis.call('LLEN', KEYS[2]) ~= length then redis.call('DEL', KEYS[2]) end
 local generation = rewrite_from({KEYS[1], KEYS[2], KEYS[9]}, KEYS[3], KEYS[5], p.from)
 redis.call('HSET', KEYS[3], 'updated_at', p.now)
-slide_ttl(KEYS[3], KEYS[1], p.ttl)
-slide_ttl(KEYS[3], KEYS[2], p.ttl)
-slide_ttl(KEYS[3], KEYS[9], p.ttl)
+slide_ttl(KEYS[3], {KEYS[1], KEYS[2], KEYS[9]}, p.ttl)
 local body = '{"id":' .. cjson.encode(p.member) .. ',"message_count":' .. (p.from - 1)
              .. ',"generation":' .. generation .. '}'
 if p.idem then

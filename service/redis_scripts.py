@@ -6,15 +6,12 @@ run unchanged on Redis Cluster. The tenant index is passed as an extra key only 
 """
 
 # The sliding TTL of a conversation: its own `ttl_seconds` or the default; 0 means never expire.
+# `meta` and every list beside it, read once (each command a script runs costs Redis time).
 _SLIDE_TTL = r"""
-local function slide_ttl(meta, log, default_ttl)
+local function slide_ttl(meta, lists, default_ttl)
   local ttl = tonumber(redis.call('HGET', meta, 'ttl_seconds') or default_ttl)
-  if ttl > 0 then
-    redis.call('EXPIRE', meta, ttl)
-    redis.call('EXPIRE', log, ttl)
-  else
-    redis.call('PERSIST', meta)
-    redis.call('PERSIST', log)
+  for _, key in ipairs({meta, unpack(lists)}) do
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) else redis.call('PERSIST', key) end
   end
 end
 """
@@ -100,8 +97,8 @@ end
 _HASHES = r"""
 local function align_hashes(log, hash, meta, length)
   local known = redis.call('LLEN', hash)
-  local generation = redis.call('HGET', meta, 'generation') or ''
-  local written_for = redis.call('HGET', meta, 'hash_generation') or ''
+  local g = redis.call('HMGET', meta, 'generation', 'hash_generation')
+  local generation, written_for = g[1] or '', g[2] or ''
   if known == length and generation == written_for then return end
   if generation ~= written_for then redis.call('HSET', meta, 'hash_generation', generation) end
   redis.call('DEL', hash)
@@ -190,11 +187,12 @@ if p.from or p.regenerate then
 end
 if not p.peek then redis.call('SET', KEYS[4], p.lock, 'PX', p.lease_ms) end
 if redis.call('LLEN', KEYS[2]) ~= stored then rebuild_tokens(KEYS[1], KEYS[2], stored) end
-local budget = tonumber(redis.call('HGET', KEYS[3], 'token_budget') or p.budget)
-local limit = budget * p.scale
-local floor = (tonumber(redis.call('HGET', KEYS[3], 'window_start')) or 1) - 1
+local settings = redis.call('HMGET', KEYS[3], 'token_budget', 'window_start')
+local limit = tonumber(settings[1] or p.budget) * p.scale
+local floor = (tonumber(settings[2]) or 1) - 1
 if floor < 0 or floor > length then floor = 0 end
-local used, lower, upper, chunk, full = 0, length, length, 16, false
+-- Estimates read newest first in growing chunks: the first covers an ordinary window whole.
+local used, lower, upper, chunk, full = 0, length, length, 64, false
 while upper > floor and not full do
   local first = math.max(floor, upper - chunk)
   local tokens = redis.call('LRANGE', KEYS[2], first, upper - 1)
@@ -229,12 +227,14 @@ return {'ok', length, meta, suffix, stored, again}
 # KEYS: log, tok, meta, lock, idem, idem set, index (unused ones repeat the log key), hash,
 # sumlock
 # ARGV[1]: JSON {lock, expected, now, ttl, idem (bool), idem_record, idem_ttl, index (bool),
-# member, index_ttl, usage {field: increment}, messages [JSON text], tokens [int], hashes [str],
-# known [[index, hash]] (UNKNOWN hashes a turn computed), meta {k: v}, from}. With `from`
+# member, index_ttl, usage {field: increment}, tokens [int], hashes [str], known
+# [[index, hash]] (UNKNOWN hashes a turn computed), meta {k: v}, from}; ARGV[2..]: the messages'
+# records, as they are stored (not inside the JSON: no escaping to undo). With `from`
 # (regenerate, edit and resend) the log is first cut back to before that seq.
 # Answers {'ok', length} | {'lost'} | {'conflict'}.
 # Messages are pushed a hundred at a time: `unpack` of thousands of values overflows Lua's
-# C stack ("too many results to unpack").
+# C stack ("too many results to unpack"). Usage totals a turn leaves unchanged (no cache, say)
+# are not written: a missing total reads as 0.
 COMMIT_TURN = (
     _SLIDE_TTL
     + _TOUCH_INDEX
@@ -264,20 +264,24 @@ if p.from then
   rewrite_from({KEYS[1], KEYS[2], KEYS[8]}, KEYS[3], KEYS[9], p.from)
   length = p.from - 1
 end
-local count = #p.messages
+local count = #ARGV - 1
 for first = 1, count, 100 do
   local last = math.min(first + 99, count)
-  length = redis.call('RPUSH', KEYS[1], unpack(p.messages, first, last))
+  length = redis.call('RPUSH', KEYS[1], unpack(ARGV, first + 1, last + 1))
   redis.call('RPUSH', KEYS[2], unpack(p.tokens, first, last))
   redis.call('RPUSH', KEYS[8], unpack(p.hashes, first, last))
 end
-for field, value in pairs(p.meta) do redis.call('HSET', KEYS[3], field, value) end
+local fields = {'updated_at', p.now, 'last_turn', p.lock}
+for field, value in pairs(p.meta) do
+  fields[#fields + 1] = field
+  fields[#fields + 1] = value
+end
+redis.call('HSET', KEYS[3], unpack(fields))
 redis.call('HSETNX', KEYS[3], 'created_at', p.now)
-redis.call('HSET', KEYS[3], 'updated_at', p.now, 'last_turn', p.lock)
-for field, value in pairs(p.usage) do redis.call('HINCRBY', KEYS[3], field, value) end
-slide_ttl(KEYS[3], KEYS[1], p.ttl)
-slide_ttl(KEYS[3], KEYS[2], p.ttl)
-slide_ttl(KEYS[3], KEYS[8], p.ttl)
+for field, value in pairs(p.usage) do
+  if value ~= 0 then redis.call('HINCRBY', KEYS[3], field, value) end
+end
+slide_ttl(KEYS[3], {KEYS[1], KEYS[2], KEYS[8]}, p.ttl)
 if p.idem then
   redis.call('SET', KEYS[5], p.idem_record, 'EX', p.idem_ttl)
   redis.call('SADD', KEYS[6], KEYS[5])
@@ -334,9 +338,7 @@ for i = 5, #ARGV, 3 do
     redis.call('HDEL', KEYS[1], ARGV[i + 1])
   end
 end
-slide_ttl(KEYS[1], KEYS[2], ARGV[2])
-slide_ttl(KEYS[1], KEYS[3], ARGV[2])
-slide_ttl(KEYS[1], KEYS[4], ARGV[2])
+slide_ttl(KEYS[1], {KEYS[2], KEYS[3], KEYS[4]}, ARGV[2])
 if #KEYS == 5 then touch_index(KEYS[5], ARGV[1], ARGV[3], ARGV[4]) end
 if created then return 1 end
 return 0

@@ -524,7 +524,6 @@ class ConversationStore:
                     "cache_read_input_tokens": usage.cache_read,
                     "cache_creation_input_tokens": usage.cache_write,
                 },
-                "messages": [m.to_json().decode() for m in messages],
                 "tokens": [m.tokens for m in messages],
                 # One per message ('' when the caller computed none: unknown until needed).
                 "hashes": list(hashes) or [""] * len(messages),
@@ -532,13 +531,14 @@ class ConversationStore:
                 "meta": meta_updates,
             }
         )
+        records = [m.to_json() for m in messages]  # ARGV[2..], as stored
         calibration = ref.calibration_key
         known = self._factors.get(ref.tenant, (0.0, {}))[1]
 
         base = known.get(model)
 
         def fill(pipe: Any) -> None:
-            pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, argument)
+            pipe.evalsha(self._sha["COMMIT_TURN"], len(keys), *keys, argument, *records)
             # EVAL, not EVALSHA: a NOSCRIPT here (another node, on a Cluster) would retry the
             # whole pipeline, and with it a commit that already ran.
             pipe.eval(
@@ -555,7 +555,7 @@ class ConversationStore:
             answer, stored = await self._pipeline(fill)
             factor = float(stored)  # another replica's higher value may stand
         else:  # an unchanged correction needs no write: the script alone
-            answer = await self._script("COMMIT_TURN", keys, [argument])
+            answer = await self._script("COMMIT_TURN", keys, [argument, *records])
         outcome = _text(answer[0])
         if outcome == "ok" and self._cluster:
             await self._touch_index(ref, now)

@@ -72,7 +72,14 @@ def _gateway_session(settings: Settings) -> aiohttp.ClientSession:
         sock_connect=settings.gateway_connect_timeout_seconds,
         sock_read=settings.gateway_timeout_seconds,
     )
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True)
+    # No cookies: one a gateway (or the balancer before it) sets would ride on every later call,
+    # whichever tenant or end user makes it.
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=True,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 async def _end_user_tokens(

@@ -136,6 +136,7 @@ class FakeGateway:
     stream_error_after_first: dict[str, Any] | None = None  # an error chunk, mid-stream
     stream_error_as_event: bool = False  # send that error as `event: error`
     usage_on_finish_chunk: bool = False  # usage on the finish_reason chunk, not a chunk of its own
+    reply_headers: dict[str, str] = field(default_factory=dict)  # on every 200 JSON answer
     calls: int = 0
     # Summary calls (service/summary_plan.py's request) are answered apart: recorded here, not
     # in `received`, failed by `summary_failures`, held by `summary_hold`, and answered with a
@@ -208,7 +209,11 @@ class FakeGateway:
                 {"content-type": "text/event-stream"},
                 self._framed(self._stream(completion, with_usage=with_usage)),
             )
-        return 200, {"content-type": "application/json"}, orjson.dumps(completion)
+        return (
+            200,
+            {"content-type": "application/json", **self.reply_headers},
+            orjson.dumps(completion),
+        )
 
     async def _summarize(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         self.summary_received.append(body)
@@ -227,7 +232,11 @@ class FakeGateway:
             summary_of(body) if self.summary_content is None else self.summary_content
         )
         message.pop("tool_calls", None)
-        return 200, {"content-type": "application/json"}, orjson.dumps(completion)
+        return (
+            200,
+            {"content-type": "application/json", **self.reply_headers},
+            orjson.dumps(completion),
+        )
 
     def reply_text(self, body: dict[str, Any]) -> str:
         last = body["messages"][-1]

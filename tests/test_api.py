@@ -6,10 +6,21 @@ from typing import Any
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
-from tests.conftest import CLIENT_KEY, GATEWAY_KEY, OTHER_KEY, free_port, make_settings, serve
-from tests.fake_gateway import Failure, FakeGateway
+from service.app import create_app
+from service.config import Settings
+from tests.conftest import (
+    CLIENT_KEY,
+    GATEWAY_KEY,
+    OTHER_KEY,
+    free_port,
+    make_settings,
+    serve,
+    with_gateway,
+)
+from tests.fake_gateway import Failure, FakeGateway, serve_in_process
 
 PROBLEM = "application/problem+json"
 
@@ -302,6 +313,31 @@ async def test_tenants_are_isolated(client: httpx.AsyncClient, gateway: FakeGate
     assert reply.json()["conversation"]["message_count"] == 2
     assert [m["content"] for m in gateway.received[1]["messages"]] == ["beta's"]
     assert (await client.get("/conversations/shared")).json()["message_count"] == 2
+
+
+async def test_a_cookie_the_gateway_sets_never_rides_on_a_later_call(settings: Settings) -> None:
+    """The gateway's session serves every tenant: a cookie it (or its balancer) sets on one
+    tenant's call must not be sent back on another's. (Named by host: aiohttp's jar keeps no
+    cookies of an IP address, so the loopback address would hide the leak.)"""
+    gateway = FakeGateway(reply_headers={"Set-Cookie": "AWSALB=acme-sticky; Path=/"})
+    async with serve_in_process(gateway) as url:
+        app = create_app(with_gateway(settings, url.replace("127.0.0.1", "localhost")))
+        async with (
+            LifespanManager(app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+            ) as http,
+        ):
+            for key, conversation in ((CLIENT_KEY, "a"), (OTHER_KEY, "b"), (CLIENT_KEY, "a")):
+                answer = await http.post(
+                    f"/conversations/{conversation}/messages",
+                    json=user(conversation),
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                assert answer.status_code == 200
+                assert "acme-sticky" not in answer.text
+    assert len(gateway.received_headers) == 3
+    assert [h.get("cookie") for h in gateway.received_headers] == [None, None, None]
 
 
 async def test_pass_through_mode_forwards_the_callers_key(

@@ -97,6 +97,16 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Sequential:
+    """Turns one at a time (Bench.sequential_turns) and what Redis did meanwhile."""
+
+    statuses: list[int]
+    reads: int  # read events: round trips
+    calls: dict[str, int]  # commands by name, those inside scripts included
+    redis_cpu: float  # seconds, user + sys
+
+
+@dataclass(frozen=True)
 class Load:
     """One target's share of interleaved runs: medians over rounds, CPU per answered turn."""
 
@@ -476,29 +486,76 @@ class Bench:
         )
 
     def round_trips(self, port: int, turns: int = 300) -> None:
-        """Sequential, uncontended turns; Redis counts its read events and commands."""
-        assert self.redis is not None
+        """Sequential, uncontended turns; Redis counts its read events and commands, and the CPU
+        it spent (beside the same turns of the reference: one Redis serves every replica)."""
         print(f"redis round trips: {turns} sequential turns", flush=True)
+        forwarded: list[int] = []
+        ours = self.sequential_turns(port, turns, forwarded)
+        ref = self.sequential_turns(self.reference(), turns, None)
+        per_turn = ours.reads / turns
+        failed = sum(1 for s in ours.statuses + ref.statuses if s != 200)
+        calls = ours.calls
+        scripts = (calls.get("evalsha", 0) + calls.get("eval", 0)) / turns
+        listed = ", ".join(f"{k} {v / turns:.2f}" for k, v in sorted(calls.items()))
+        self.raw["round_trips"] = {
+            "turns": turns,
+            "reads": ours.reads,
+            "calls": calls,
+            "redis_cpu_seconds": ours.redis_cpu,
+            "reference_redis_cpu_seconds": ref.redis_cpu,
+        }
+        self.record(
+            "round_trips",
+            f"{per_turn:.2f} (read events/turn; scripts/turn {scripts:.2f}; commands/turn "
+            f"incl. inside Lua: {listed}; Redis CPU/turn {ours.redis_cpu / turns * 1e6:.0f} us; "
+            f"non-200: {failed})",
+            per_turn <= 2.0 + 0.05 and failed == 0,
+        )
+        self.rows[
+            "round_trips"
+        ].reference = (
+            f"{ref.reads / turns:.2f}; Redis CPU/turn {ref.redis_cpu / turns * 1e6:.0f} us"
+        )
+        self.rows["round_trips"].ratio = f"Redis CPU {_ratio(ours.redis_cpu, ref.redis_cpu)}"
+        # Every figure compares arrays of the reference's size: a service that forwarded fewer
+        # messages (a correction factor run away) would flatter them all.
+        short = [n for n in forwarded if n != WINDOW_MESSAGES + 1]
+        if short:
+            self.failures.append(
+                f"round_trips: {len(short)} of {len(forwarded)} turns forwarded other than "
+                f"{WINDOW_MESSAGES + 1} messages (e.g. {short[0]})"
+            )
+
+    def sequential_turns(self, port: int, turns: int, forwarded: list[int] | None) -> Sequential:
+        """`turns` turns one after another on one connection (conversations t1..t<turns>, after
+        one that opens the connection), with what Redis did meanwhile. The service's forwarded
+        array sizes go to `forwarded`."""
+        assert self.redis is not None
+        redis = self.redis
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         body = orjson.dumps({"model": MODEL, "message": {"role": "user", "content": USER_TEXT}})
         headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
-
-        forwarded: list[int] = []
 
         def post(n: int) -> int:
             conn.request("POST", f"/conversations/t{n}/messages", body=body, headers=headers)
             response = conn.getresponse()
             answer = response.read()
-            if response.status == 200:
+            if response.status == 200 and forwarded is not None and n > 0:
                 forwarded.append(orjson.loads(answer)["conversation"]["context"]["messages"])
             return response.status
 
+        def redis_cpu() -> float:
+            cpu = redis.info("cpu")
+            return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
         post(0)  # the connection is open, the pool warm
-        stats0 = self.redis.info("stats")
-        cmds0 = self.redis.info("commandstats")
+        cpu0 = redis_cpu()
+        stats0 = redis.info("stats")
+        cmds0 = redis.info("commandstats")
         statuses = [post(n) for n in range(1, turns + 1)]
-        stats1 = self.redis.info("stats")
-        cmds1 = self.redis.info("commandstats")
+        stats1 = redis.info("stats")
+        cmds1 = redis.info("commandstats")
+        cpu1 = redis_cpu()
         conn.close()
         own = 2  # this bench's INFO commandstats and second INFO stats between the snapshots
         reads = int(stats1["total_reads_processed"]) - int(stats0["total_reads_processed"]) - own
@@ -509,26 +566,7 @@ class Bench:
             for name in cmds1
             if name != "cmdstat_info"
         }
-        calls = {k: v for k, v in calls.items() if v}
-        per_turn = reads / turns
-        failed = sum(1 for s in statuses if s != 200)
-        scripts = (calls.get("evalsha", 0) + calls.get("eval", 0)) / turns
-        listed = ", ".join(f"{k} {v / turns:.2f}" for k, v in sorted(calls.items()))
-        self.raw["round_trips"] = {"turns": turns, "reads": reads, "calls": calls}
-        self.record(
-            "round_trips",
-            f"{per_turn:.2f} (read events/turn; scripts/turn {scripts:.2f}; commands/turn "
-            f"incl. inside Lua: {listed}; non-200: {failed})",
-            per_turn <= 2.0 + 0.05 and failed == 0,
-        )
-        # Every figure compares arrays of the reference's size: a service that forwarded fewer
-        # messages (a correction factor run away) would flatter them all.
-        short = [n for n in forwarded if n != WINDOW_MESSAGES + 1]
-        if short:
-            self.failures.append(
-                f"round_trips: {len(short)} of {len(forwarded)} turns forwarded other than "
-                f"{WINDOW_MESSAGES + 1} messages (e.g. {short[0]})"
-            )
+        return Sequential(statuses, reads, {k: v for k, v in calls.items() if v}, cpu1 - cpu0)
 
     def history(self, port: int) -> None:
         print(f"history independence: {HISTORY_SMALL} vs {HISTORY_LARGE:,} stored, 1 connection")

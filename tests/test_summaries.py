@@ -845,6 +845,11 @@ async def test_turns_do_not_start_jobs_while_backing_off(
         await http.put("/conversations/b", json={"token_budget": 300})
         await until_dropped(http, "b")
         await eventually(lambda: _failures(http, "b"), what="the failed job to be recorded")
+        # A job a later turn of until_dropped started may still be finding the backoff: its
+        # count must land before the snapshot, not between it and the turn below.
+        await eventually(
+            lambda: metric("convproxy_summary_jobs_running") == 0, what="no job running"
+        )
         backoff = jobs("backoff")
         after = await http.post("/conversations/b/messages", json=user("more"))
         assert after.status_code == 200  # the turn is untouched

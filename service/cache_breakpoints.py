@@ -35,14 +35,21 @@ def client_marks(value: Any) -> int:
     below, and text in a string cannot contain them (its quotes are escaped). The walk counts only
     where they appear (issue 10: it was a third of what the features cost an ordinary turn)."""
     try:
-        if _MARKER_KEY not in orjson.dumps(value):
+        if MARKER_KEY not in orjson.dumps(value):
             return 0
     except orjson.JSONEncodeError:
         pass  # not JSON as orjson writes it (an integer past 64 bits, say): walk it
     return _marks(value)
 
 
-_MARKER_KEY = b'"cache_control"'
+MARKER_KEY = b'"cache_control"'
+
+
+def may_carry_marks(records: Sequence[bytes]) -> bool:
+    """Whether any of these stored records may carry a client's marker: one search of their bytes
+    (a record starts with `{` and ends with `}`, so no match spans two). Mostly none does, and a
+    Claude model's turn then counts no markers in its forwarded history (issue 10)."""
+    return MARKER_KEY in b"".join(records)
 
 
 def _marks(value: Any) -> int:
@@ -64,24 +71,31 @@ def _marks(value: Any) -> int:
 def place_breakpoints(
     messages: Sequence[JSONObject],
     *,
-    tokens: Sequence[int],
     pinned: int,
     stable: int,
+    pinned_tokens: int,
+    stable_tokens: int,
     min_tokens: int,
     tools: Any = None,
+    marks: int | None = None,
 ) -> tuple[list[JSONObject], list[int]]:
     """The array to forward, with breakpoints added, and their indexes.
 
-    `tokens[i]` is message i's estimate (in the gateway's units); `pinned` how many leading
-    messages are the system prompt and summary; `stable` how many leading messages (pinned ones
-    included) form the prefix the next turn repeats. A breakpoint closes a prefix of at least
-    `min_tokens`; a message that already carries one is left as it is.
+    `pinned` is how many leading messages are the system prompt and summary, `stable` how many
+    leading messages (pinned ones included) form the prefix the next turn repeats;
+    `pinned_tokens` and `stable_tokens` are those prefixes' sizes in the gateway's units. A
+    breakpoint closes a prefix of at least `min_tokens`; a message that already carries one is
+    left as it is. `marks`: the client's own markers in `messages` and `tools`, when the caller
+    has counted them (it may know where none can be); None: counted here.
     """
-    budget = MAX_BREAKPOINTS - client_marks(list(messages)) - client_marks(tools)
+    if marks is None:
+        marks = client_marks(list(messages)) + client_marks(tools)
+    budget = MAX_BREAKPOINTS - marks
     wanted: list[int] = []
-    for end in (stable, pinned):  # most valuable first: the whole stable prefix
+    # Most valuable first: the whole stable prefix.
+    for end, size in ((stable, stable_tokens), (pinned, pinned_tokens)):
         index = end - 1
-        if index < 0 or index in wanted or sum(tokens[:end]) < min_tokens:
+        if index < 0 or index in wanted or size < min_tokens:
             continue
         if isinstance(messages[index].get("cache_control"), dict):
             continue  # the client's own already closes this prefix

@@ -16,7 +16,12 @@ import orjson
 
 from service import metrics
 from service.auth import Caller
-from service.cache_breakpoints import needs_breakpoints, place_breakpoints
+from service.cache_breakpoints import (
+    client_marks,
+    may_carry_marks,
+    needs_breakpoints,
+    place_breakpoints,
+)
 from service.catalog import ModelCatalog, catalog_budget
 from service.errors import (
     ConversationBusy,
@@ -57,6 +62,7 @@ from service.summaries import SummaryService, summary_window
 from service.summary_plan import SummaryUse, promotion, turn_context
 from service.tokens import (
     ARRAY_OVERHEAD,
+    corrected,
     corrected_each,
     message_tokens,
     next_factor,
@@ -460,29 +466,38 @@ class ChatService:
             *map(Message.to_wire, window.history),  # no generator frame per message
             *new_wire,
         ]
-        # Per-message estimates in the gateway's units only where they are used (breakpoints,
-        # the preview): a long window costs no per-message work it does not need (issue 10).
+        # Per-message estimates in the gateway's units only for the preview, which shows them:
+        # breakpoints need two prefixes' sizes, known from the sums trimming made (issue 10).
         estimates: list[int] = []
         breakpoints: list[int] = []
-        cache_marked = needs_breakpoints(model, self._policy.cache_control_models)
-        if with_estimates or cache_marked:
+        summary_raw = summary.tokens if summary_wire and summary else 0
+        if with_estimates:
             # The history's estimates are stored beside it (trimming used them).
             raw_estimates = [
                 *system_estimates,
-                *([summary.tokens] if summary_wire and summary else []),
+                *([summary_raw] if summary_wire else []),
                 *map(_TOKENS, window.history),
                 *new_estimates,
             ]
             estimates = corrected_each(raw_estimates, factor)
-        if cache_marked:
+        if needs_breakpoints(model, self._policy.cache_control_models):
             pinned = len(system_wire) + len(summary_wire)
+            stable = pinned + len(window.history)
+            pinned_raw = sum(system_estimates) + summary_raw
+            # Markers of the client's own: in the new messages and tools, and in the stored ones
+            # only when a record read carries the key at all (the system prompt and the summary
+            # are text: theirs cannot).
+            marks = client_marks(new_wire) + client_marks(params.get("tools"))
+            if may_carry_marks(begun.records):
+                marks += client_marks(messages[pinned:stable])
             messages, breakpoints = place_breakpoints(
                 messages,
-                tokens=estimates,
                 pinned=pinned,
-                stable=pinned + len(window.history),
+                stable=stable,
+                pinned_tokens=corrected(pinned_raw, factor),
+                stable_tokens=corrected(pinned_raw + window.history_tokens, factor),
                 min_tokens=self._policy.cache_min_tokens,
-                tools=params.get("tools"),
+                marks=marks,
             )
         raw = (
             ARRAY_OVERHEAD

@@ -121,16 +121,18 @@ def test_breakpoints_close_the_stable_prefix_and_the_system_block() -> None:
     messages = [{"role": "system", "content": "s"}] + [
         {"role": "user" if i % 2 == 0 else "assistant", "content": str(i)} for i in range(5)
     ]
-    tokens = [600, 200, 200, 200, 200, 50]
-    out, placed = place_breakpoints(messages, tokens=tokens, pinned=1, stable=5, min_tokens=1024)
+    sizes = {"pinned": 1, "stable": 5, "pinned_tokens": 600, "stable_tokens": 1400}
+    out, placed = place_breakpoints(messages, min_tokens=1024, **sizes)
     assert placed == [4]  # the system block alone (600) is under the minimum
     assert out[4]["cache_control"] == EPHEMERAL
     assert "cache_control" not in messages[4]  # the caller's copy is untouched
-    out, placed = place_breakpoints(messages, tokens=tokens, pinned=1, stable=5, min_tokens=500)
+    out, placed = place_breakpoints(messages, min_tokens=500, **sizes)
     assert placed == [0, 4]
     assert [i for i, m in enumerate(out) if "cache_control" in m] == [0, 4]
-    # Nothing reaches the minimum: no breakpoint at all.
-    assert place_breakpoints(messages, tokens=tokens, pinned=1, stable=5, min_tokens=5000)[1] == []
+    # Exactly the minimum closes a prefix; nothing reaching it, no breakpoint at all.
+    assert place_breakpoints(messages, min_tokens=1400, **sizes)[1] == [4]
+    assert place_breakpoints(messages, min_tokens=1401, **sizes)[1] == []
+    assert place_breakpoints(messages, min_tokens=5000, **sizes)[1] == []
 
 
 def test_client_marks_are_counted_only_where_a_marker_is_a_key_with_an_object() -> None:
@@ -156,22 +158,17 @@ def test_never_more_than_four_breakpoints_counting_the_clients_own() -> None:
         {"role": "user", "content": "e"},
     ]
     tools = [{"type": "function", "function": {"name": "f"}, "cache_control": own}]
-    tokens = [2000] * 6
-    out, placed = place_breakpoints(
-        messages, tokens=tokens, pinned=1, stable=5, min_tokens=1024, tools=tools
-    )
+    sizes = {"pinned": 1, "stable": 5, "pinned_tokens": 2000, "stable_tokens": 10_000}
+    out, placed = place_breakpoints(messages, min_tokens=1024, tools=tools, **sizes)
     assert placed == [4]  # three of the client's own leave room for one: the stable prefix's
     total = sum(orjson.dumps(m).count(b"cache_control") for m in out) + 1
     assert total == 4
-    out, placed = place_breakpoints(
-        [*messages[:4], {**messages[4], "cache_control": own}, messages[5]],
-        tokens=tokens,
-        pinned=1,
-        stable=5,
-        min_tokens=1024,
-        tools=tools,
-    )
+    again = [*messages[:4], {**messages[4], "cache_control": own}, messages[5]]
+    out, placed = place_breakpoints(again, min_tokens=1024, tools=tools, **sizes)
     assert placed == []  # four already
+    # The same count given by a caller that has made it: nothing is counted again.
+    assert place_breakpoints(messages, min_tokens=1024, marks=3, **sizes)[1] == [4]
+    assert place_breakpoints(messages, min_tokens=1024, marks=0, **sizes)[1] == [0, 4]
     assert needs_breakpoints("claude-sonnet-4-6", ("claude-*",))
     assert not needs_breakpoints("gpt-5", ("claude-*",))
 
@@ -273,6 +270,29 @@ async def test_a_claude_turn_gets_breakpoints_on_the_forwarded_copy_only(
     assert not any("cache_control" in m for m in gateway.received[-1]["messages"])
     for raw in await redis.lrange("conv:{acme:b}:log", 0, -1):
         assert b"cache_control" not in raw
+
+
+async def test_the_clients_own_stored_markers_count_towards_the_four(
+    client: httpx.AsyncClient, gateway: FakeGateway
+) -> None:
+    """Markers a client sent in earlier turns are stored and forwarded again: with three of
+    them in the history, a turn adds one breakpoint (the stable prefix's), not the system's."""
+    own = {"type": "ephemeral", "ttl": "1h"}  # told apart from ours
+    await client.put("/conversations/m", json={"system": "a long standing instruction. " * 200})
+    parts = [{"type": "text", "text": words(0), "cache_control": own}] * 2
+    sent = [
+        {"role": "user", "content": parts},
+        {"role": "user", "content": words(1), "cache_control": own},
+        {"role": "user", "content": words(2)},
+    ]
+    for message in sent:
+        answer = await client.post("/conversations/m/messages", json={"message": message})
+        assert answer.status_code == 200, answer.text
+    forwarded = gateway.received[-1]["messages"]
+    assert orjson.dumps(forwarded).count(b'"cache_control"') == 4
+    ours = [i for i, m in enumerate(forwarded) if m.get("cache_control") == EPHEMERAL]
+    assert ours == [len(forwarded) - 2]  # the end of stored history; the system block left out
+    assert "cache_control" not in forwarded[0]
 
 
 async def test_the_preview_is_what_the_next_turn_forwards_and_stores_nothing(

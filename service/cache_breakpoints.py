@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from service.models import JSONObject
+from service.models import JSONObject, Message
 
 EPHEMERAL: JSONObject = {"type": "ephemeral"}
 MAX_BREAKPOINTS = 4
@@ -45,11 +45,16 @@ def client_marks(value: Any) -> int:
 MARKER_KEY = b'"cache_control"'
 
 
-def may_carry_marks(records: Sequence[bytes]) -> bool:
-    """Whether any of these stored records may carry a client's marker: one search of their bytes
-    (a record starts with `{` and ends with `}`, so no match spans two). Mostly none does, and a
-    Claude model's turn then counts no markers in its forwarded history (issue 10)."""
-    return MARKER_KEY in b"".join(records)
+def stored_marks(history: Sequence[Message]) -> int:
+    """client_marks of stored messages, looking only where a marker can be: a message's own
+    `cache_control`, content parts, tool calls. Mostly none is there (plain text), and a Claude
+    model's turn then scans nothing of its forwarded history (issue 10)."""
+    carrying = [
+        m.to_wire()
+        for m in history
+        if m.cache_control is not None or m.tool_calls is not None or type(m.content) is list
+    ]
+    return client_marks(carrying) if carrying else 0
 
 
 def _marks(value: Any) -> int:

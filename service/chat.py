@@ -18,9 +18,9 @@ from service import metrics
 from service.auth import Caller
 from service.cache_breakpoints import (
     client_marks,
-    may_carry_marks,
     needs_breakpoints,
     place_breakpoints,
+    stored_marks,
 )
 from service.catalog import ModelCatalog, catalog_budget
 from service.errors import (
@@ -484,12 +484,13 @@ class ChatService:
             pinned = len(system_wire) + len(summary_wire)
             stable = pinned + len(window.history)
             pinned_raw = sum(system_estimates) + summary_raw
-            # Markers of the client's own: in the new messages and tools, and in the stored ones
-            # only when a record read carries the key at all (the system prompt and the summary
-            # are text: theirs cannot).
-            marks = client_marks(new_wire) + client_marks(params.get("tools"))
-            if may_carry_marks(begun.records):
-                marks += client_marks(messages[pinned:stable])
+            # The client's own markers: in the new messages, the tools and the stored history
+            # (the system prompt and the summary are text: theirs cannot).
+            marks = (
+                client_marks(new_wire)
+                + client_marks(params.get("tools"))
+                + stored_marks(window.history)
+            )
             messages, breakpoints = place_breakpoints(
                 messages,
                 pinned=pinned,

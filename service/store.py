@@ -101,7 +101,6 @@ class Started:
     length: int  # the history a turn builds on: every stored message, or those before an edit
     meta: ConversationMeta | None
     window: list[Message]  # oldest first
-    records: Sequence[bytes] = ()  # the window's records as read (their bytes are searched)
     stored: int | None = None  # the log's whole length when a rewrite reads less (`length`)
     again: Message | None = None  # regenerate: the last user message, answered again
     # Asked for (`hashes=True`): every stored message's content hash, and the records of those
@@ -185,7 +184,6 @@ def _started(answer: Sequence[Any], ref: ConversationRef) -> Started:
         length=length,
         meta=_meta(answer[2]),
         window=_window(answer[3], ref),
-        records=answer[3],
         stored=stored if stored != length or again else None,
         again=again[0] if again else None,
         hashes=hashes,

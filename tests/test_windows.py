@@ -16,6 +16,7 @@ from service.cache_breakpoints import (
     client_marks,
     needs_breakpoints,
     place_breakpoints,
+    stored_marks,
 )
 from service.catalog import ModelLimits, catalog_budget, parse_catalog
 from service.models import Message, Role
@@ -145,6 +146,21 @@ def test_client_marks_are_counted_only_where_a_marker_is_a_key_with_an_object() 
     # Past what orjson writes (an integer over 64 bits): the walk alone.
     assert client_marks([{"role": "user", "content": "x", "n": 2**70, "cache_control": own}]) == 1
     assert client_marks(None) == 0
+
+
+def test_stored_marks_are_found_wherever_a_message_can_carry_one() -> None:
+    own = {"type": "ephemeral"}
+
+    def stored(**fields: Any) -> Message:
+        return Message(tokens=1, seq=1, role=Role.ASSISTANT, created_at=1.0, **fields)
+
+    plain = stored(content='say "cache_control": {"type": 1}')
+    assert stored_marks([plain, stored(content="x")]) == 0
+    assert stored_marks([plain, stored(content="x", cache_control=own)]) == 1
+    parts = [{"type": "text", "text": "a", "cache_control": own}]
+    assert stored_marks([stored(content=parts)]) == 1
+    calls = [{"id": "c", "type": "function", "function": {"name": "f"}, "cache_control": own}]
+    assert stored_marks([stored(tool_calls=calls), stored(content=[{"type": "text"}])]) == 1
 
 
 def test_never_more_than_four_breakpoints_counting_the_clients_own() -> None:

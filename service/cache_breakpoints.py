@@ -35,14 +35,14 @@ def client_marks(value: Any) -> int:
     below, and text in a string cannot contain them (its quotes are escaped). The walk counts only
     where they appear (issue 10: it was a third of what the features cost an ordinary turn)."""
     try:
-        if MARKER_KEY not in orjson.dumps(value):
+        if _MARKER_KEY not in orjson.dumps(value):
             return 0
     except orjson.JSONEncodeError:
         pass  # not JSON as orjson writes it (an integer past 64 bits, say): walk it
     return _marks(value)
 
 
-MARKER_KEY = b'"cache_control"'
+_MARKER_KEY = b'"cache_control"'
 
 
 def stored_marks(history: Sequence[Message]) -> int:

@@ -81,8 +81,7 @@ def place_breakpoints(
     pinned_tokens: int,
     stable_tokens: int,
     min_tokens: int,
-    tools: Any = None,
-    marks: int | None = None,
+    marks: int,
 ) -> tuple[list[JSONObject], list[int]]:
     """The array to forward, with breakpoints added, and their indexes.
 
@@ -90,11 +89,9 @@ def place_breakpoints(
     leading messages (pinned ones included) form the prefix the next turn repeats;
     `pinned_tokens` and `stable_tokens` are those prefixes' sizes in the gateway's units. A
     breakpoint closes a prefix of at least `min_tokens`; a message that already carries one is
-    left as it is. `marks`: the client's own markers in `messages` and `tools`, when the caller
-    has counted them (it may know where none can be); None: counted here.
+    left as it is. `marks`: the client's own markers in `messages` and the tools, as the caller
+    counted them (client_marks, stored_marks: it knows where none can be).
     """
-    if marks is None:
-        marks = client_marks(list(messages)) + client_marks(tools)
     budget = MAX_BREAKPOINTS - marks
     wanted: list[int] = []
     # Most valuable first: the whole stable prefix.

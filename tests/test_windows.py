@@ -122,7 +122,7 @@ def test_breakpoints_close_the_stable_prefix_and_the_system_block() -> None:
     messages = [{"role": "system", "content": "s"}] + [
         {"role": "user" if i % 2 == 0 else "assistant", "content": str(i)} for i in range(5)
     ]
-    sizes = {"pinned": 1, "stable": 5, "pinned_tokens": 600, "stable_tokens": 1400}
+    sizes = {"pinned": 1, "stable": 5, "pinned_tokens": 600, "stable_tokens": 1400, "marks": 0}
     out, placed = place_breakpoints(messages, min_tokens=1024, **sizes)
     assert placed == [4]  # the system block alone (600) is under the minimum
     assert out[4]["cache_control"] == EPHEMERAL
@@ -175,14 +175,16 @@ def test_never_more_than_four_breakpoints_counting_the_clients_own() -> None:
     ]
     tools = [{"type": "function", "function": {"name": "f"}, "cache_control": own}]
     sizes = {"pinned": 1, "stable": 5, "pinned_tokens": 2000, "stable_tokens": 10_000}
-    out, placed = place_breakpoints(messages, min_tokens=1024, tools=tools, **sizes)
+    theirs = client_marks(messages) + client_marks(tools)
+    out, placed = place_breakpoints(messages, min_tokens=1024, marks=theirs, **sizes)
     assert placed == [4]  # three of the client's own leave room for one: the stable prefix's
     total = sum(orjson.dumps(m).count(b"cache_control") for m in out) + 1
     assert total == 4
     again = [*messages[:4], {**messages[4], "cache_control": own}, messages[5]]
-    out, placed = place_breakpoints(again, min_tokens=1024, tools=tools, **sizes)
+    theirs = client_marks(again) + client_marks(tools)
+    out, placed = place_breakpoints(again, min_tokens=1024, marks=theirs, **sizes)
     assert placed == []  # four already
-    # The same count given by a caller that has made it: nothing is counted again.
+    # What is placed follows the count given.
     assert place_breakpoints(messages, min_tokens=1024, marks=3, **sizes)[1] == [4]
     assert place_breakpoints(messages, min_tokens=1024, marks=0, **sizes)[1] == [0, 4]
     assert needs_breakpoints("claude-sonnet-4-6", ("claude-*",))

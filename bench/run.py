@@ -511,12 +511,11 @@ class Bench:
             f"non-200: {failed})",
             per_turn <= 2.0 + 0.05 and failed == 0,
         )
-        self.rows[
-            "round_trips"
-        ].reference = (
+        row = self.rows["round_trips"]
+        row.reference = (
             f"{ref.reads / turns:.2f}; Redis CPU/turn {ref.redis_cpu / turns * 1e6:.0f} us"
         )
-        self.rows["round_trips"].ratio = f"Redis CPU {_ratio(ours.redis_cpu, ref.redis_cpu)}"
+        row.ratio = f"Redis CPU {_ratio(ours.redis_cpu, ref.redis_cpu)}"
         # Every figure compares arrays of the reference's size: a service that forwarded fewer
         # messages (a correction factor run away) would flatter them all.
         short = [n for n in forwarded if n != WINDOW_MESSAGES + 1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import orjson
 from redis import Redis
 
 from bench.upstreams import REPLY_TEXT, USER_TEXT
@@ -14,18 +13,17 @@ from service.store import ConversationRef
 from service.tokens import SAFETY_MARGIN, message_tokens
 
 
-def message_json(seq: int, now: float) -> bytes:
-    """The stored JSON of message `seq` (1-based): user on odd seqs, the assistant on even."""
+def message(seq: int, now: float) -> Message:
+    """Stored message `seq` (1-based): user on odd seqs, the assistant on even."""
     role = Role.USER if seq % 2 else Role.ASSISTANT
     text = USER_TEXT if role is Role.USER else REPLY_TEXT
-    record = Message(
+    return Message(
         tokens=message_tokens({"role": role.value, "content": text}),
         seq=seq,
         role=role,
         content=text,
         created_at=now,
     )
-    return record.to_json()
 
 
 def seed(
@@ -41,12 +39,13 @@ def seed(
     """Create conversations <prefix>0..N-1 with `messages` stored messages each (and `meta`:
     settings such as their own token budget). Returns the bytes of message JSON written."""
     now = time.time()
-    payloads = [message_json(seq, now + seq / 1e6) for seq in range(1, messages + 1)]
-    # The estimates beside the log, as the store keeps them (else the first turn rebuilds them).
-    tokens = [orjson.loads(p)["tokens"] for p in payloads]
-    # And their content hashes, as every turn's commit writes them (else the first lays them
-    # anew as unknown, work a conversation the service wrote never sees).
-    hashes = [message_hash(Message.from_json(p).to_wire()) for p in payloads]
+    records = [message(seq, now + seq / 1e6) for seq in range(1, messages + 1)]
+    payloads = [m.to_json() for m in records]
+    # The estimates beside the log, as the store keeps them (else the first turn rebuilds them),
+    # and the content hashes, as every turn's commit writes them (else the first lays them anew
+    # as unknown, work a conversation the service wrote never sees).
+    tokens = [m.tokens for m in records]
+    hashes = [message_hash(m.to_wire()) for m in records]
     written = 0
     index = ConversationRef(tenant, "").index_key
     pipe = redis.pipeline(transaction=False)

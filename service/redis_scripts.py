@@ -7,25 +7,32 @@ run unchanged on Redis Cluster. The tenant index is passed as an extra key only 
 
 # The sliding TTL of a conversation: its own `ttl_seconds` or the default; 0 means never expire.
 # `meta` and every list beside it, read once (each command a script runs costs Redis time).
+# `set_ttl` for a script that read `ttl_seconds` with other fields already.
 _SLIDE_TTL = r"""
-local function slide_ttl(meta, lists, default_ttl)
-  local ttl = tonumber(redis.call('HGET', meta, 'ttl_seconds') or default_ttl)
-  for _, key in ipairs({meta, unpack(lists)}) do
+local function set_ttl(keys, ttl)
+  for _, key in ipairs(keys) do
     if ttl > 0 then redis.call('EXPIRE', key, ttl) else redis.call('PERSIST', key) end
   end
+end
+local function slide_ttl(meta, lists, default_ttl)
+  set_ttl({meta, unpack(lists)}, tonumber(redis.call('HGET', meta, 'ttl_seconds') or default_ttl))
 end
 """
 
 # The tenant's index: a derived view, so a failure to write it (a key of the wrong type, say) is
 # caught with pcall and never aborts the turn it follows. Entries older than the longest TTL a
-# conversation may have belong to expired conversations and are pruned; the index key itself
-# expires after that long without a write. A ttl of 0 means no cap: nothing pruned or expiring.
+# conversation may have belong to expired conversations and are pruned when a new member is added
+# (only a new member grows the index; the listing skips and removes entries whose conversation is
+# gone, so pruning bounds its size, nothing more); the index key itself expires after that long
+# without a write. A ttl of 0 means no cap: nothing pruned or expiring.
 _TOUCH_INDEX = r"""
 local function touch_index(index, now, member, ttl)
-  redis.pcall('ZADD', index, now, member)
+  local added = redis.pcall('ZADD', index, now, member)
   local cap = tonumber(ttl)
   if cap > 0 then
-    redis.pcall('ZREMRANGEBYSCORE', index, '-inf', '(' .. (tonumber(now) - cap))
+    if added == 1 then
+      redis.pcall('ZREMRANGEBYSCORE', index, '-inf', '(' .. (tonumber(now) - cap))
+    end
     redis.pcall('EXPIRE', index, cap)
   end
 end
@@ -94,12 +101,10 @@ end
 # (truncate, replace) moves meta's `generation` on, and the list records, in `hash_generation`,
 # the generation it was written for; a rewrite that left the list as it was cannot leave stale
 # hashes behind, even where the lengths agree by chance.
+# `align_hashes_to` for a script that read meta's `generation` and `hash_generation` already.
 _HASHES = r"""
-local function align_hashes(log, hash, meta, length)
-  local known = redis.call('LLEN', hash)
-  local g = redis.call('HMGET', meta, 'generation', 'hash_generation')
-  local generation, written_for = g[1] or '', g[2] or ''
-  if known == length and generation == written_for then return end
+local function align_hashes_to(log, hash, meta, length, generation, written_for)
+  if redis.call('LLEN', hash) == length and generation == written_for then return end
   if generation ~= written_for then redis.call('HSET', meta, 'hash_generation', generation) end
   redis.call('DEL', hash)
   for first = 1, length, 500 do
@@ -109,6 +114,10 @@ local function align_hashes(log, hash, meta, length)
   end
   local ttl = redis.call('PTTL', log)
   if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
+end
+local function align_hashes(log, hash, meta, length)
+  local g = redis.call('HMGET', meta, 'generation', 'hash_generation')
+  align_hashes_to(log, hash, meta, length, g[1] or '', g[2] or '')
 end
 """
 
@@ -256,7 +265,17 @@ if length ~= tonumber(p.expected) then
   return {'conflict'}
 end
 if redis.call('LLEN', KEYS[2]) ~= length then rebuild_tokens(KEYS[1], KEYS[2], length) end
-align_hashes(KEYS[1], KEYS[8], KEYS[3], length)
+-- Meta read once for what follows: the hash list's generations, the TTL, whether the
+-- conversation is new, and the usage totals this turn adds to (written with the turn's fields).
+local names, added = {'generation', 'hash_generation', 'ttl_seconds', 'created_at'}, {}
+for field, value in pairs(p.usage) do
+  if value ~= 0 then
+    names[#names + 1] = field
+    added[#added + 1] = value
+  end
+end
+local read = redis.call('HMGET', KEYS[3], unpack(names))
+align_hashes_to(KEYS[1], KEYS[8], KEYS[3], length, read[1] or '', read[2] or '')
 for _, pair in ipairs(p.known) do
   if pair[1] < length then redis.call('LSET', KEYS[8], pair[1], pair[2]) end
 end
@@ -276,12 +295,16 @@ for field, value in pairs(p.meta) do
   fields[#fields + 1] = field
   fields[#fields + 1] = value
 end
-redis.call('HSET', KEYS[3], unpack(fields))
-redis.call('HSETNX', KEYS[3], 'created_at', p.now)
-for field, value in pairs(p.usage) do
-  if value ~= 0 then redis.call('HINCRBY', KEYS[3], field, value) end
+if not read[4] then
+  fields[#fields + 1] = 'created_at'
+  fields[#fields + 1] = p.now
 end
-slide_ttl(KEYS[3], {KEYS[1], KEYS[2], KEYS[8]}, p.ttl)
+for i, value in ipairs(added) do  -- whole numbers: Lua's doubles are exact to 2^53
+  fields[#fields + 1] = names[4 + i]
+  fields[#fields + 1] = (tonumber(read[4 + i]) or 0) + value
+end
+redis.call('HSET', KEYS[3], unpack(fields))
+set_ttl({KEYS[3], KEYS[1], KEYS[2], KEYS[8]}, tonumber(read[3] or p.ttl))
 if p.idem then
   redis.call('SET', KEYS[5], p.idem_record, 'EX', p.idem_ttl)
   redis.call('SADD', KEYS[6], KEYS[5])

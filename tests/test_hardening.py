@@ -17,7 +17,7 @@ from service.config import Settings
 from service.middleware import cors_headers
 from service.models import Message, Role
 from service.store import ConversationRef
-from service.usage import Usage
+from service.usage import Usage, read_usage
 from tests.conftest import OpenStore, make_settings, metric, serve
 from tests.fake_gateway import FakeGateway
 from tests.polling import eventually
@@ -393,6 +393,45 @@ async def test_the_index_expires_and_forgets_what_outlived_every_ttl(
     await client.post("/conversations/fresh/messages", json=user("a"))
     assert 0 < await redis.ttl("conv:{acme}:index") <= 90 * 24 * 3600
     assert await redis.zrange("conv:{acme}:index", 0, -1) == [b"fresh"]
+
+
+async def test_a_turn_on_a_listed_conversation_moves_its_entry_and_slides_the_index(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    """Stale entries are pruned when a conversation joins the index; every write still moves
+    its entry and the index's expiry."""
+    assert (await client.post("/conversations/old/messages", json=user("a"))).status_code == 200
+    await redis.zadd("conv:{acme}:index", {"old": 1.0})
+    await redis.expire("conv:{acme}:index", 5)
+    before = time.time()
+    assert (await client.post("/conversations/old/messages", json=user("b"))).status_code == 200
+    assert await redis.ttl("conv:{acme}:index") > 5
+    score = await redis.zscore("conv:{acme}:index", "old")
+    assert score is not None
+    assert score >= before
+
+
+async def test_usage_totals_add_to_what_is_stored_and_created_at_stays(
+    client: httpx.AsyncClient, gateway: FakeGateway, redis: Redis
+) -> None:
+    gateway.usage_shape = "anthropic"
+    gateway.cached_share, gateway.written_share = 0.5, 0.25
+    first = await client.post("/conversations/u/messages", json=user("one"))
+    created = (await client.get("/conversations/u")).json()["created_at"]
+    meta = ConversationRef("acme", "u").key("meta")
+    await redis.hincrby(meta, "output_tokens", 1000)  # a total the turns below add to
+    replies = [first] + [
+        await client.post("/conversations/u/messages", json=user(f"q{i}")) for i in range(2)
+    ]
+    assert all(r.status_code == 200 for r in replies)
+    sent = [read_usage(r.json()["usage"]) for r in replies]
+    got = (await client.get("/conversations/u")).json()
+    assert got["created_at"] == created
+    assert got["usage"]["input_tokens"] == sum(u.prompt for u in sent)
+    assert got["usage"]["output_tokens"] == 1000 + sum(u.output for u in sent)
+    assert got["usage"]["uncached_input_tokens"] == sum(u.uncached for u in sent)
+    assert got["usage"]["cache_read_input_tokens"] == sum(u.cache_read for u in sent) > 0
+    assert got["usage"]["cache_creation_input_tokens"] == sum(u.cache_write for u in sent) > 0
 
 
 # ---- 17 operations: what the metrics cover ---------------------------------------------------

@@ -137,6 +137,10 @@ ROWS = {
         "beside our own route's",
     ),
     "cpu": ("CPU per turn (user+sys / turns), 32 connections", "<= 1.0x ref"),
+    "floor": (
+        "Floor: the reference without Redis (FastAPI, uvicorn, aiohttp alone), 32 connections",
+        "none (what 1.2x the reference leaves for the rest)",
+    ),
     "wide": (
         "Throughput, 32 connections, 200-message windows",
         ">= 0.5x the 21-message figure, 0 errors",
@@ -177,6 +181,7 @@ class Bench:
     target: Proc | None = None  # the proxy under test: checked after every run
     main: tuple[Proc, int] | None = None  # the service on nginx
     ref: tuple[Proc, int] | None = None  # the reference on nginx, 21-message windows
+    floor: tuple[Proc, int] | None = None  # the reference without Redis, on nginx
     failures: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -220,12 +225,13 @@ class Bench:
         return proc, port
 
     def start_reference(
-        self, upstream_port: int, name: str, window: int, base: str = ""
+        self, upstream_port: int, name: str, window: int, base: str = "", *, redis: bool = True
     ) -> tuple[Proc, int]:
+        """The reference (bench/reference.py); without `redis`, the floor."""
         port = free_port()
         upstream = f"http://127.0.0.1:{upstream_port}{base}/v1/chat/completions"
         argv = [sys.executable, "-m", "bench.reference", str(port)]
-        argv += [f"redis://127.0.0.1:{self.redis_port}/0", upstream, str(window)]
+        argv += [f"redis://127.0.0.1:{self.redis_port}/0" if redis else "-", upstream, str(window)]
         proc = Proc(name, pinned(SERVICE_CORE, argv), log_dir=self.workdir, cwd=ROOT)
         self.start(proc)
         wait_http(proc, port, "/openapi.json", timeout=30)
@@ -356,6 +362,12 @@ class Bench:
         self.target = self.ref[0]
         self.wrk(self.ref[1], self.script("warmup-ref", "t", POOL), 32, 2)
         return self.ref[1]
+
+    def start_floor(self) -> tuple[Proc, int]:
+        """The floor on nginx (21-message windows), warmed up."""
+        self.floor = self.start_reference(self.nginx_port, "floor", WINDOW_MESSAGES, redis=False)
+        self.wrk(self.floor[1], self.script("warmup-floor", "t", POOL), 32, 2)
+        return self.floor
 
     def loads(
         self, runs: dict[str, tuple[Proc, int, Path]], connections: int = 32
@@ -728,10 +740,10 @@ class Bench:
             self.baseline()
 
     def stop_main(self) -> None:
-        for proc in (self.main, self.ref):
+        for proc in (self.main, self.ref, self.floor):
             if proc is not None:
                 self.stop(proc[0])
-        self.main = self.ref = None
+        self.main = self.ref = self.floor = None
 
     def long_conversation(self) -> None:
         """bench/long_conversation.py: 300 turns with summaries on, off, and plain trimming."""
@@ -758,19 +770,33 @@ class Bench:
         self.rows["summary_landed"].litellm = self.rows["summary_cached"].litellm = "n/a"
 
     def service_throughput(self) -> None:
-        print("throughput, 32 connections: the service and the reference, interleaved")
+        print("throughput, 32 connections: the service, the reference and the floor, interleaved")
         port, ref_port = self.service(), self.reference()
         assert self.main is not None
         assert self.ref is not None
+        floor_proc, floor_port = self.start_floor()
         script = self.script("throughput", "t", POOL)
         ref_script = self.script("throughput-ref", "t", POOL)
         got = self.loads(
             {
                 "service": (self.main[0], port, script),
                 "reference": (self.ref[0], ref_port, ref_script),
+                "floor": (floor_proc, floor_port, ref_script),
             }
         )
-        service, ref = got["service"], got["reference"]
+        self.stop(floor_proc)
+        self.floor = None
+        service, ref, floor = got["service"], got["reference"], got["floor"]
+        # 1.2x the reference's turns on one saturated core: at most its CPU per turn / 1.2, of
+        # which the floor takes its share before any Redis work, validation or feature.
+        left = ref.cpu_us / 1.2 - floor.cpu_us
+        self.rows["floor"].service = (
+            f"{floor.text()}; {floor.cpu_us:,.0f} us CPU/turn; beyond it the service spends "
+            f"{service.cpu_us - floor.cpu_us:,.0f} us a turn; 1.2x the reference leaves "
+            f"{left:,.0f} us"
+        )
+        self.rows["floor"].reference = f"beyond the floor: {ref.cpu_us - floor.cpu_us:,.0f} us"
+        self.rows["floor"].ratio = f"{_ratio(floor.cpu_us, ref.cpu_us)} ref CPU"
         self.record(
             "throughput",
             f"{service.text()}",
@@ -861,6 +887,7 @@ ORDER = (
     "openai",
     "throughput",
     "cpu",
+    "floor",
     "wide",
     "features",
     "history",
@@ -918,6 +945,8 @@ def table(rows: dict[str, Row], info: dict[str, str]) -> str:
         if row is None:
             continue
         ok = "yes" if row.passed else "no" if row.passed is not None else "?"
+        if row.passed is None and row.service != "not measured":  # a figure with no target
+            ok = "-"
         lines.append(
             f"| {row.figure} | {row.target} | {row.service} | {row.ratio} | {ok} | "
             f"{row.reference} | {row.litellm} |"

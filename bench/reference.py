@@ -79,7 +79,9 @@ def create_app(redis_url: str | None, upstream: str, window: int) -> FastAPI:
 
 
 def _record(seq: int) -> bytes:
-    """Stored message `seq` as bench/seed.py writes it (user on odd seqs, the assistant on even)."""
+    """Stored message `seq` as bench/seed.py writes it (user on odd seqs, the assistant on even).
+    Not seed.message itself: that would load the service's models and store into the reference's
+    process, whose collector (CPython's defaults, nothing frozen) would then walk them too."""
     role, text = ("user", USER_TEXT) if seq % 2 else ("assistant", REPLY_TEXT)
     record = {"tokens": 24, "seq": seq, "role": role, "content": text, "created_at": 0.0}
     return orjson.dumps(record)
